@@ -1,0 +1,261 @@
+// Package session owns one client's streaming map response: it keeps the
+// update not yet sent (merging newer ones into it, so a slow client costs
+// bounded memory, never a growing queue), writes length-prefixed, optionally
+// zstd-compressed messages, and sends keep-alives when idle.
+package session
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/util/zstdframe"
+
+	"github.com/tailplane/tailplane/internal/metrics"
+)
+
+// Update is a change for one client. Zero fields mean "no change". Peer
+// encodings are shared, pre-encoded bytes (DESIGN principle 4).
+type Update struct {
+	// Full is a complete first map message, sent before anything else.
+	Full []byte
+	// Self is the client's own node, encoded.
+	Self json.RawMessage
+	// PeersChanged holds added or changed peers by id.
+	PeersChanged map[uint64]json.RawMessage
+	// PeersRemoved holds ids of peers that left the client's view.
+	PeersRemoved map[uint64]struct{}
+	// Patches are light changes (endpoints, DERP home) by peer id.
+	Patches map[uint64]*tailcfg.PeerChange
+	// Online changes by peer id.
+	Online map[uint64]bool
+	// PacketFilters replaces named filter chunks; nil value deletes one.
+	PacketFilters map[string]json.RawMessage
+	// SSHPolicy replaces the SSH policy.
+	SSHPolicy json.RawMessage
+	// UserProfiles adds or updates profiles.
+	UserProfiles map[uint64]json.RawMessage
+}
+
+func (u *Update) empty() bool {
+	return u.Full == nil && u.Self == nil && len(u.PeersChanged) == 0 && len(u.PeersRemoved) == 0 &&
+		len(u.Patches) == 0 && len(u.Online) == 0 && u.PacketFilters == nil && u.SSHPolicy == nil &&
+		len(u.UserProfiles) == 0
+}
+
+// merge folds a newer update n into u. The newest value of everything
+// wins; a peer change supersedes older patches and removal of that peer.
+func (u *Update) merge(n *Update) {
+	if n.Full != nil {
+		*u = Update{}
+		u.Full = n.Full
+	}
+	if n.Self != nil {
+		u.Self = n.Self
+	}
+	for id, b := range n.PeersChanged {
+		setMap(&u.PeersChanged, id, b)
+		delete(u.PeersRemoved, id)
+		delete(u.Patches, id)
+		delete(u.Online, id)
+	}
+	for id := range n.PeersRemoved {
+		setMap(&u.PeersRemoved, id, struct{}{})
+		delete(u.PeersChanged, id)
+		delete(u.Patches, id)
+		delete(u.Online, id)
+	}
+	for id, p := range n.Patches {
+		if old, ok := u.Patches[id]; ok {
+			p = mergePatch(old, p)
+		}
+		setMap(&u.Patches, id, p)
+	}
+	for id, on := range n.Online {
+		setMap(&u.Online, id, on)
+	}
+	if n.PacketFilters != nil {
+		if _, reset := n.PacketFilters["*"]; reset || u.PacketFilters == nil {
+			u.PacketFilters = map[string]json.RawMessage{}
+		}
+		for k, v := range n.PacketFilters {
+			u.PacketFilters[k] = v
+		}
+	}
+	if n.SSHPolicy != nil {
+		u.SSHPolicy = n.SSHPolicy
+	}
+	for id, p := range n.UserProfiles {
+		setMap(&u.UserProfiles, id, p)
+	}
+}
+
+func setMap[V any](m *map[uint64]V, k uint64, v V) {
+	if *m == nil {
+		*m = make(map[uint64]V)
+	}
+	(*m)[k] = v
+}
+
+func mergePatch(old, n *tailcfg.PeerChange) *tailcfg.PeerChange {
+	c := *old
+	if n.DERPRegion != 0 {
+		c.DERPRegion = n.DERPRegion
+	}
+	if n.Endpoints != nil {
+		c.Endpoints = n.Endpoints
+	}
+	if n.DiscoKey != nil {
+		c.DiscoKey = n.DiscoKey
+	}
+	if n.Key != nil {
+		c.Key = n.Key
+	}
+	if n.KeyExpiry != nil {
+		c.KeyExpiry = n.KeyExpiry
+	}
+	if n.LastSeen != nil {
+		c.LastSeen = n.LastSeen
+	}
+	if n.Online != nil {
+		c.Online = n.Online
+	}
+	return &c
+}
+
+// Session is one streaming map response.
+type Session struct {
+	NodeID   uint64
+	compress bool
+
+	mu      sync.Mutex
+	pending Update
+	wake    chan struct{}
+	done    chan struct{}
+	once    sync.Once
+}
+
+// New returns a session for a node; compress selects zstd.
+func New(nodeID uint64, compress bool) *Session {
+	return &Session{NodeID: nodeID, compress: compress, wake: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+// Push merges u into the pending update and wakes the writer. It never
+// blocks, so the fan-out is never held up by a slow client.
+func (s *Session) Push(u *Update) {
+	s.mu.Lock()
+	if !s.pending.empty() {
+		metrics.QueueMerges.Inc()
+	}
+	s.pending.merge(u)
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Close ends the session's Run (the client opened a newer stream, or the
+// node was deleted).
+func (s *Session) Close() { s.once.Do(func() { close(s.done) }) }
+
+// Done is closed when the session is closed.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// ErrClosed is returned by Run when the session was closed by the server.
+var ErrClosed = errors.New("session closed")
+
+// Writer is what Run writes frames to: the HTTP response.
+type Writer interface {
+	io.Writer
+	Flush() error
+}
+
+// KeepAliveInterval is the idle time after which a keep-alive is sent;
+// clients consider a stream dead after about two minutes of silence.
+const KeepAliveInterval = 50 * time.Second
+
+// Run writes pending updates to w until ctx ends, the session is closed, or
+// a write fails.
+func (s *Session) Run(ctx context.Context, w Writer) error {
+	jitter := time.Duration(rand.Int64N(int64(5 * time.Second)))
+	ka := time.NewTimer(KeepAliveInterval + jitter)
+	defer ka.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.done:
+			return ErrClosed
+		case <-ka.C:
+			if err := s.writeFrame(w, keepAliveMsg, "keepalive"); err != nil {
+				return err
+			}
+		case <-s.wake:
+			s.mu.Lock()
+			u := s.pending
+			s.pending = Update{}
+			s.mu.Unlock()
+			if u.Full != nil {
+				if err := s.writeFrame(w, u.Full, "full"); err != nil {
+					return err
+				}
+				u.Full = nil
+			}
+			if !u.empty() {
+				msg, err := Encode(&u)
+				if err != nil {
+					return err
+				}
+				if err := s.writeFrame(w, msg, "delta"); err != nil {
+					return err
+				}
+			}
+		}
+		if !ka.Stop() {
+			select {
+			case <-ka.C:
+			default:
+			}
+		}
+		ka.Reset(KeepAliveInterval + jitter)
+	}
+}
+
+var keepAliveMsg = []byte(`{"KeepAlive":true}`)
+
+// WriteFrame writes one map message: a 4-byte little-endian length, then
+// the body, zstd-compressed when the client asked for it.
+func WriteFrame(w io.Writer, msg []byte, compress bool) (int, error) {
+	if compress {
+		msg = zstdframe.AppendEncode(nil, msg, zstdframe.FastestCompression)
+	}
+	var hdr [4]byte
+	binary.LittleEndian.PutUint32(hdr[:], uint32(len(msg)))
+	if _, err := w.Write(hdr[:]); err != nil {
+		return 0, err
+	}
+	if _, err := w.Write(msg); err != nil {
+		return 0, err
+	}
+	return len(msg) + 4, nil
+}
+
+func (s *Session) writeFrame(w Writer, msg []byte, kind string) error {
+	n, err := WriteFrame(w, msg, s.compress)
+	if err != nil {
+		return err
+	}
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	metrics.MapMessages.WithLabelValues(kind).Inc()
+	metrics.MapBytes.Add(float64(n))
+	return nil
+}

@@ -1,0 +1,123 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/tailplane/tailplane/internal/store"
+)
+
+// maxCommitBatch bounds how many requests share one transaction, so a huge
+// burst still commits in steps of bounded latency.
+const maxCommitBatch = 512
+
+// commitReq is one caller's mutations; done receives the outcome (nil
+// done: fire and forget, failures are logged).
+type commitReq struct {
+	muts []store.Mutation
+	done chan error
+}
+
+// committer funnels every write through one goroutine so that concurrent
+// callers share transactions (group commit): while one transaction runs,
+// the next batch accumulates.
+type committer struct {
+	st      store.Store
+	reqs    chan *commitReq
+	log     *slog.Logger
+	metrics CommitObserver
+	stopped chan struct{}
+}
+
+// CommitObserver receives the size and duration of every group commit.
+type CommitObserver func(requests int, d time.Duration)
+
+func newCommitter(st store.Store, log *slog.Logger, obs CommitObserver) *committer {
+	c := &committer{st: st, reqs: make(chan *commitReq, 4096), log: log, metrics: obs, stopped: make(chan struct{})}
+	go c.run()
+	return c
+}
+
+// commit makes muts durable and waits for it.
+func (c *committer) commit(ctx context.Context, muts []store.Mutation) error {
+	r := &commitReq{muts: muts, done: make(chan error, 1)}
+	select {
+	case c.reqs <- r:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	// Once queued the write happens regardless of ctx: the caller must
+	// learn its outcome to keep memory and disk in step.
+	return <-r.done
+}
+
+// commitAsync queues muts without waiting; used for soft state such as
+// endpoints and last-seen times whose loss on a crash is harmless.
+func (c *committer) commitAsync(muts []store.Mutation) {
+	select {
+	case c.reqs <- &commitReq{muts: muts}:
+	default:
+		c.log.Warn("commit queue full; dropping soft-state write", "mutations", len(muts))
+	}
+}
+
+func (c *committer) close() {
+	close(c.reqs)
+	<-c.stopped
+}
+
+func (c *committer) run() {
+	defer close(c.stopped)
+	batch := make([]*commitReq, 0, maxCommitBatch)
+	for r := range c.reqs {
+		batch = append(batch[:0], r)
+	fill:
+		for len(batch) < maxCommitBatch {
+			select {
+			case r2, ok := <-c.reqs:
+				if !ok {
+					break fill
+				}
+				batch = append(batch, r2)
+			default:
+				break fill
+			}
+		}
+		c.apply(batch)
+	}
+}
+
+func (c *committer) apply(batch []*commitReq) {
+	start := time.Now()
+	var all []store.Mutation
+	for _, r := range batch {
+		all = append(all, r.muts...)
+	}
+	_, err := c.st.Apply(context.Background(), all)
+	if c.metrics != nil {
+		c.metrics(len(batch), time.Since(start))
+	}
+	if err == nil || len(batch) == 1 {
+		for _, r := range batch {
+			c.finish(r, err)
+		}
+		return
+	}
+	// One request's failure must not fail its neighbours: retry each alone.
+	for _, r := range batch {
+		_, err := c.st.Apply(context.Background(), r.muts)
+		c.finish(r, err)
+	}
+}
+
+func (c *committer) finish(r *commitReq, err error) {
+	if r.done != nil {
+		r.done <- err
+		return
+	}
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		c.log.Error("soft-state write failed", "err", err)
+	}
+}

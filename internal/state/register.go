@@ -1,0 +1,287 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+
+	"github.com/tailplane/tailplane/internal/store"
+)
+
+// ErrNeedsAuthKey is returned to a client that registers without a key
+// and is not already registered: tailplane has no interactive login.
+var ErrNeedsAuthKey = errors.New("this server only accepts pre-auth keys: run 'tailscale up --login-server=URL --authkey=KEY' with a key from 'tailplane keys create'")
+
+// ErrWrongMachine is returned when a node key is presented by a machine
+// that does not own it.
+var ErrWrongMachine = errors.New("node key is registered to a different machine")
+
+// RegisterParams is a client's registration request.
+type RegisterParams struct {
+	MachineKey key.MachinePublic
+	NodeKey    key.NodePublic
+	OldNodeKey key.NodePublic
+	AuthKey    string
+	Hostinfo   *tailcfg.Hostinfo
+	// Expiry is what the client asked for; a time in the past is a logout.
+	Expiry time.Time
+}
+
+// RegisterResult is what the client is told.
+type RegisterResult struct {
+	Node *Node // nil after a logout that deleted an ephemeral node
+	User *User
+}
+
+// Register admits a node: it validates the pre-auth key, consumes a
+// one-off key in the same step, allocates addresses for a new node and
+// makes it all durable before returning.
+func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult, error) {
+	now := s.now()
+	s.mu.Lock()
+	existing := s.byNodeKey[p.NodeKey]
+	if existing == nil && !p.OldNodeKey.IsZero() {
+		existing = s.byNodeKey[p.OldNodeKey]
+	}
+	if existing != nil && existing.MachineKey != p.MachineKey {
+		s.mu.Unlock()
+		return nil, ErrWrongMachine
+	}
+
+	if !p.Expiry.IsZero() && p.Expiry.Before(now) && existing != nil {
+		return s.logoutLocked(ctx, existing, p.Expiry)
+	}
+
+	if p.AuthKey == "" {
+		if existing == nil || existing.Expired(now) {
+			s.mu.Unlock()
+			return nil, ErrNeedsAuthKey
+		}
+		if existing.NodeKey == p.NodeKey {
+			u := s.users[existing.UserID]
+			s.mu.Unlock()
+			return &RegisterResult{Node: existing, User: u}, nil
+		}
+		// Key rotation of a still-valid node: swap keys, keep the rest.
+		n := existing.clone()
+		n.NodeKey = p.NodeKey
+		return s.putNodeLocked(ctx, existing, n, nil, nil)
+	}
+
+	k, err := s.checkKeyLocked(p.AuthKey, now)
+	if err != nil {
+		s.mu.Unlock()
+		return nil, err
+	}
+	u := s.users[k.UserID]
+	if u == nil {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("pre-auth key %s belongs to a deleted user", k.ID)
+	}
+	if existing == nil {
+		existing = s.byMachine[p.MachineKey]
+	}
+	tags, err := s.tagsFor(k, u, p.Hostinfo)
+	if err != nil {
+		s.mu.Unlock()
+		return nil, err
+	}
+
+	var n *Node
+	var muts []store.Mutation
+	if existing != nil {
+		// Re-authentication of a known machine keeps its id, addresses
+		// and name: they are what peers and DNS know it by.
+		n = existing.clone()
+	} else {
+		v4, v6, cursor, err := s.ips.allocate()
+		if err != nil {
+			s.mu.Unlock()
+			return nil, err
+		}
+		n = &Node{
+			ID: s.nextNodeID, MachineKey: p.MachineKey, IPv4: v4, IPv6: v6, CreatedAt: now,
+		}
+		s.nextNodeID++
+		muts = append(muts, store.Mutation{PutSetting: &store.Setting{Key: SettingNextIPv4, Value: cursor}})
+	}
+	n.NodeKey = p.NodeKey
+	n.UserID = u.ID
+	n.Tags = tags
+	n.AuthKeyID = k.ID
+	n.Ephemeral = k.Ephemeral
+	n.Expiry = time.Time{}
+	if !p.Expiry.IsZero() && p.Expiry.After(now) {
+		n.Expiry = p.Expiry
+	}
+	s.applyHostinfoLocked(n, p.Hostinfo)
+	if n.GivenName == "" {
+		n.GivenName = s.uniqueNameLocked(n.Hostname, n.ID)
+	}
+	var consumed *PreAuthKey
+	if !k.Reusable {
+		muts = append(muts, store.Mutation{ConsumeKey: k.ID})
+		k.Used = true
+		consumed = k
+	}
+	return s.putNodeLocked(ctx, existing, n, muts, consumed)
+}
+
+// putNodeLocked installs n (replacing old, which may be nil), commits it
+// with extra mutations, and undoes the in-memory change if the commit
+// fails. It unlocks s.mu.
+func (s *State) putNodeLocked(ctx context.Context, old, n *Node, extra []store.Mutation, consumed *PreAuthKey) (*RegisterResult, error) {
+	if old != nil {
+		s.replaceNode(old, n)
+	} else {
+		s.indexNode(n)
+	}
+	u := s.users[n.UserID]
+	muts := append(extra, store.Mutation{PutNode: toStoreNode(n)})
+	s.mu.Unlock()
+
+	if err := s.commit.commit(ctx, muts); err != nil {
+		s.mu.Lock()
+		s.unindexNode(n)
+		if old != nil {
+			s.indexNode(old)
+		} else {
+			s.ips.release(n.IPv4, n.IPv6)
+		}
+		if consumed != nil {
+			consumed.Used = false
+		}
+		s.mu.Unlock()
+		return nil, fmt.Errorf("registration not saved: %w", err)
+	}
+	s.emit(Event{Kind: NodeChanged, NodeID: n.ID})
+	return &RegisterResult{Node: n, User: u}, nil
+}
+
+// logoutLocked handles a client's logout: an ephemeral node is deleted,
+// any other node's key is expired so it must log in again. It unlocks s.mu.
+func (s *State) logoutLocked(ctx context.Context, n *Node, expiry time.Time) (*RegisterResult, error) {
+	u := s.users[n.UserID]
+	if n.Ephemeral {
+		s.mu.Unlock()
+		if err := s.DeleteNode(ctx, n.ID); err != nil {
+			return nil, err
+		}
+		return &RegisterResult{User: u}, nil
+	}
+	c := n.clone()
+	c.Expiry = expiry
+	return s.putNodeLocked(ctx, n, c, nil, nil)
+}
+
+// checkKeyLocked validates a presented pre-auth key. It does no expensive
+// work: one map lookup and one SHA-256 (DESIGN principle 7).
+func (s *State) checkKeyLocked(presented string, now time.Time) (*PreAuthKey, error) {
+	id, hash, ok := parseKey(presented)
+	if !ok {
+		return nil, ErrKeyInvalid
+	}
+	k := s.keys[id]
+	if k == nil || !secretMatches(k.SecretHash, hash) {
+		return nil, ErrKeyInvalid
+	}
+	if k.Revoked || (!k.Expiration.IsZero() && !now.Before(k.Expiration)) {
+		return nil, ErrKeyExpired
+	}
+	if !k.Reusable && k.Used {
+		return nil, ErrKeyUsed
+	}
+	return k, nil
+}
+
+// tagsFor decides a new node's tags: those of its key, plus tags the
+// client requests (--advertise-tags) that the policy lets the key's user
+// own.
+func (s *State) tagsFor(k *PreAuthKey, u *User, hi *tailcfg.Hostinfo) ([]string, error) {
+	tags := slices.Clone(k.Tags)
+	if hi == nil {
+		return tags, nil
+	}
+	for _, t := range hi.RequestTags {
+		if slices.Contains(tags, t) {
+			continue
+		}
+		if !strings.HasPrefix(t, "tag:") {
+			return nil, fmt.Errorf("requested tag %q is not a tag (tags start with tag:)", t)
+		}
+		if !s.pol.MayOwnTag(PolicyUser(u), t) {
+			return nil, fmt.Errorf("requested tag %s is not permitted: the policy's tagOwners do not let %s own it", t, u.LoginName())
+		}
+		tags = append(tags, t)
+	}
+	slices.Sort(tags)
+	return tags, nil
+}
+
+// applyHostinfoLocked copies what the server keeps from a client's
+// Hostinfo: its hostname and advertised routes, approving the routes the
+// policy's autoApprovers allow.
+func (s *State) applyHostinfoLocked(n *Node, hi *tailcfg.Hostinfo) {
+	if hi == nil {
+		return
+	}
+	n.Hostinfo = hi
+	if hi.Hostname != "" {
+		n.Hostname = hi.Hostname
+	}
+	n.AdvertisedRoutes = slices.Clone(hi.RoutableIPs)
+	var approved []netip.Prefix
+	for _, r := range n.AdvertisedRoutes {
+		if slices.Contains(n.ApprovedRoutes, r) || s.pol.AutoApprove(PolicyNode(n), r, s.policyUsersLocked()) {
+			approved = append(approved, r)
+		}
+	}
+	n.ApprovedRoutes = approved
+}
+
+// uniqueNameLocked turns a hostname into a DNS label unique in the
+// tailnet, adding -2, -3, ... on collision.
+func (s *State) uniqueNameLocked(hostname string, id uint64) string {
+	base := dnsLabel(hostname)
+	if base == "" {
+		base = "node"
+	}
+	name := base
+	for i := 2; ; i++ {
+		if owner, taken := s.givenNames[name]; !taken || owner == id {
+			return name
+		}
+		suffix := "-" + strconv.Itoa(i)
+		name = base
+		if len(name)+len(suffix) > 63 {
+			name = name[:63-len(suffix)]
+		}
+		name += suffix
+	}
+}
+
+// dnsLabel lowercases s and keeps letters, digits and inner hyphens.
+func dnsLabel(s string) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(s) {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+			b.WriteRune(r)
+		case r == '-' || r == '_' || r == '.' || r == ' ':
+			b.WriteByte('-')
+		}
+	}
+	out := strings.Trim(b.String(), "-")
+	if len(out) > 63 {
+		out = strings.TrimRight(out[:63], "-")
+	}
+	return out
+}

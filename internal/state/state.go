@@ -1,0 +1,441 @@
+// Package state holds the tailnet (users, nodes, pre-auth keys and the
+// policy) in memory, applies every change there first, makes it durable
+// through the store before acknowledging it, and reports which nodes
+// changed to a Sink. Reads never touch the database.
+package state
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+
+	"github.com/tailplane/tailplane/internal/policy"
+	"github.com/tailplane/tailplane/internal/store"
+)
+
+// User is a tailnet user.
+type User struct {
+	ID          uint64
+	Name        string
+	Email       string
+	DisplayName string
+	CreatedAt   time.Time
+}
+
+// LoginName is how policies name the user: the email when set, otherwise
+// "name@".
+func (u *User) LoginName() string {
+	if u.Email != "" {
+		return u.Email
+	}
+	return u.Name + "@"
+}
+
+// Node is a registered machine. Values are never modified once published:
+// a change replaces the pointer, so readers may keep one without locking.
+type Node struct {
+	ID               uint64
+	MachineKey       key.MachinePublic
+	NodeKey          key.NodePublic
+	DiscoKey         key.DiscoPublic
+	UserID           uint64
+	Tags             []string
+	Hostname         string
+	GivenName        string
+	IPv4             netip.Addr
+	IPv6             netip.Addr
+	Hostinfo         *tailcfg.Hostinfo
+	Endpoints        []netip.AddrPort
+	AuthKeyID        string
+	Ephemeral        bool
+	Expiry           time.Time
+	AdvertisedRoutes []netip.Prefix
+	ApprovedRoutes   []netip.Prefix
+	CreatedAt        time.Time
+	LastSeen         time.Time
+	// Online is runtime-only: a streaming map session is open.
+	Online bool
+}
+
+// IsTagged reports whether the node is owned by tags rather than a user.
+func (n *Node) IsTagged() bool { return len(n.Tags) > 0 }
+
+// Expired reports whether the node's key expiry has passed.
+func (n *Node) Expired(now time.Time) bool { return !n.Expiry.IsZero() && !now.Before(n.Expiry) }
+
+// HomeDERP is the node's preferred DERP region, from its Hostinfo.
+func (n *Node) HomeDERP() int {
+	if n.Hostinfo != nil && n.Hostinfo.NetInfo != nil {
+		return n.Hostinfo.NetInfo.PreferredDERP
+	}
+	return 0
+}
+
+func (n *Node) clone() *Node {
+	c := *n
+	return &c
+}
+
+// PreAuthKey is a pre-authentication key as kept in memory.
+type PreAuthKey = store.PreAuthKey
+
+// EventKind says what changed.
+type EventKind int
+
+const (
+	// NodeChanged: the node was added, removed or modified; the receiver
+	// compares with what it last saw.
+	NodeChanged EventKind = iota
+	// PolicyChanged: a new policy is active.
+	PolicyChanged
+	// UsersChanged: a user was renamed or changed.
+	UsersChanged
+)
+
+// Event reports a committed change.
+type Event struct {
+	Kind   EventKind
+	NodeID uint64
+}
+
+// Sink receives events. Notify must not block.
+type Sink interface {
+	Notify(Event)
+}
+
+// Options configures a State.
+type Options struct {
+	Store    store.Store
+	V4Prefix netip.Prefix
+	V6Prefix netip.Prefix
+	Logger   *slog.Logger
+	// OnCommit observes group commits (for metrics); may be nil.
+	OnCommit CommitObserver
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// State is the in-memory tailnet.
+type State struct {
+	log    *slog.Logger
+	now    func() time.Time
+	commit *committer
+
+	sinkMu sync.Mutex
+	sinks  []Sink
+
+	mu          sync.RWMutex
+	users       map[uint64]*User
+	usersByName map[string]*User
+	nodes       map[uint64]*Node
+	byNodeKey   map[key.NodePublic]*Node
+	byMachine   map[key.MachinePublic]*Node
+	givenNames  map[string]uint64
+	keys        map[string]*PreAuthKey
+	ips         *ipAllocator
+	nextUserID  uint64
+	nextNodeID  uint64
+	settings    map[string][]byte
+	pol         *policy.Policy
+	polText     []byte
+}
+
+// Setting keys kept in the store.
+const (
+	SettingPolicy     = "policy"
+	SettingNoiseKey   = "noise_private_key"
+	SettingNextIPv4   = "ipalloc_next_v4"
+	settingPolicyTime = "policy_updated"
+)
+
+// New loads the whole state from the store.
+func New(ctx context.Context, opts Options) (*State, error) {
+	snap, err := opts.Store.Load(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("state: load: %w", err)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	now := opts.Now
+	if now == nil {
+		now = time.Now
+	}
+	s := &State{
+		log:         log,
+		now:         now,
+		users:       map[uint64]*User{},
+		usersByName: map[string]*User{},
+		nodes:       map[uint64]*Node{},
+		byNodeKey:   map[key.NodePublic]*Node{},
+		byMachine:   map[key.MachinePublic]*Node{},
+		givenNames:  map[string]uint64{},
+		keys:        map[string]*PreAuthKey{},
+		nextUserID:  1,
+		nextNodeID:  1,
+		settings:    snap.Settings,
+	}
+	if s.settings == nil {
+		s.settings = map[string][]byte{}
+	}
+	s.ips, err = newIPAllocator(opts.V4Prefix, opts.V6Prefix, s.settings[SettingNextIPv4])
+	if err != nil {
+		return nil, err
+	}
+	for i := range snap.Users {
+		u := fromStoreUser(&snap.Users[i])
+		s.users[u.ID] = u
+		s.usersByName[u.Name] = u
+		s.nextUserID = max(s.nextUserID, u.ID+1)
+	}
+	for i := range snap.Nodes {
+		n, err := fromStoreNode(&snap.Nodes[i])
+		if err != nil {
+			return nil, fmt.Errorf("state: load node %d: %w", snap.Nodes[i].ID, err)
+		}
+		s.indexNode(n)
+		s.ips.markUsed(n.IPv4, n.IPv6)
+		s.nextNodeID = max(s.nextNodeID, n.ID+1)
+	}
+	for i := range snap.Keys {
+		k := snap.Keys[i]
+		s.keys[k.ID] = &k
+	}
+	s.pol = policy.Default()
+	if text := s.settings[SettingPolicy]; len(text) > 0 {
+		p, err := policy.Parse(text)
+		if err != nil {
+			// The stored policy was valid when set; a parser change may
+			// reject it now. Keep serving with the default rather than
+			// refusing to start, and say so loudly.
+			log.Error("stored policy no longer parses; using the default allow-all policy until a valid one is set", "err", err)
+		} else {
+			s.pol, s.polText = p, text
+		}
+	}
+	s.commit = newCommitter(opts.Store, log, opts.OnCommit)
+	return s, nil
+}
+
+// Close stops the committer after flushing queued writes.
+func (s *State) Close() { s.commit.close() }
+
+// Subscribe adds a sink for change events.
+func (s *State) Subscribe(k Sink) {
+	s.sinkMu.Lock()
+	s.sinks = append(s.sinks, k)
+	s.sinkMu.Unlock()
+}
+
+func (s *State) emit(ev Event) {
+	s.sinkMu.Lock()
+	sinks := s.sinks
+	s.sinkMu.Unlock()
+	for _, k := range sinks {
+		k.Notify(ev)
+	}
+}
+
+// Setting returns a stored setting.
+func (s *State) Setting(name string) []byte {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.settings[name]
+}
+
+// PutSetting stores a setting durably.
+func (s *State) PutSetting(ctx context.Context, name string, value []byte) error {
+	if err := s.commit.commit(ctx, []store.Mutation{{PutSetting: &store.Setting{Key: name, Value: value}}}); err != nil {
+		return fmt.Errorf("state: save setting %s: %w", name, err)
+	}
+	s.mu.Lock()
+	s.settings[name] = value
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *State) indexNode(n *Node) {
+	s.nodes[n.ID] = n
+	s.byNodeKey[n.NodeKey] = n
+	s.byMachine[n.MachineKey] = n
+	s.givenNames[n.GivenName] = n.ID
+}
+
+func (s *State) unindexNode(n *Node) {
+	delete(s.nodes, n.ID)
+	if cur, ok := s.byNodeKey[n.NodeKey]; ok && cur.ID == n.ID {
+		delete(s.byNodeKey, n.NodeKey)
+	}
+	if cur, ok := s.byMachine[n.MachineKey]; ok && cur.ID == n.ID {
+		delete(s.byMachine, n.MachineKey)
+	}
+	if s.givenNames[n.GivenName] == n.ID {
+		delete(s.givenNames, n.GivenName)
+	}
+}
+
+// replaceNode swaps in a new version of a node, keeping indexes right.
+func (s *State) replaceNode(old, n *Node) {
+	s.unindexNode(old)
+	s.indexNode(n)
+}
+
+// Node returns the node with id, or nil.
+func (s *State) Node(id uint64) *Node {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.nodes[id]
+}
+
+// NodeByKey returns the node with the node key, or nil.
+func (s *State) NodeByKey(k key.NodePublic) *Node {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.byNodeKey[k]
+}
+
+// Nodes returns every node, sorted by ID.
+func (s *State) Nodes() []*Node {
+	s.mu.RLock()
+	out := make([]*Node, 0, len(s.nodes))
+	for _, n := range s.nodes {
+		out = append(out, n)
+	}
+	s.mu.RUnlock()
+	slices.SortFunc(out, func(a, b *Node) int { return cmpU64(a.ID, b.ID) })
+	return out
+}
+
+// User returns the user with id, or nil.
+func (s *State) User(id uint64) *User {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.users[id]
+}
+
+// Users returns every user, sorted by ID.
+func (s *State) Users() []*User {
+	s.mu.RLock()
+	out := make([]*User, 0, len(s.users))
+	for _, u := range s.users {
+		out = append(out, u)
+	}
+	s.mu.RUnlock()
+	slices.SortFunc(out, func(a, b *User) int { return cmpU64(a.ID, b.ID) })
+	return out
+}
+
+// Policy returns the active policy and its source text (nil text: the
+// built-in default).
+func (s *State) Policy() (*policy.Policy, []byte) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.pol, s.polText
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func fromStoreUser(u *store.User) *User {
+	return &User{ID: u.ID, Name: u.Name, Email: u.Email, DisplayName: u.DisplayName, CreatedAt: u.CreatedAt}
+}
+
+func toStoreUser(u *User) *store.User {
+	return &store.User{ID: u.ID, Name: u.Name, Email: u.Email, DisplayName: u.DisplayName, CreatedAt: u.CreatedAt}
+}
+
+func fromStoreNode(sn *store.Node) (*Node, error) {
+	n := &Node{
+		ID: sn.ID, UserID: sn.UserID, Tags: sn.Tags, Hostname: sn.Hostname, GivenName: sn.GivenName,
+		IPv4: sn.IPv4, IPv6: sn.IPv6, Endpoints: sn.Endpoints, AuthKeyID: sn.AuthKeyID,
+		Ephemeral: sn.Ephemeral, Expiry: sn.Expiry, AdvertisedRoutes: sn.AdvertisedRoutes,
+		ApprovedRoutes: sn.ApprovedRoutes, CreatedAt: sn.CreatedAt, LastSeen: sn.LastSeen,
+	}
+	if err := n.MachineKey.UnmarshalText([]byte(sn.MachineKey)); err != nil {
+		return nil, fmt.Errorf("machine key: %w", err)
+	}
+	if err := n.NodeKey.UnmarshalText([]byte(sn.NodeKey)); err != nil {
+		return nil, fmt.Errorf("node key: %w", err)
+	}
+	if sn.DiscoKey != "" {
+		if err := n.DiscoKey.UnmarshalText([]byte(sn.DiscoKey)); err != nil {
+			return nil, fmt.Errorf("disco key: %w", err)
+		}
+	}
+	if len(sn.Hostinfo) > 0 {
+		n.Hostinfo = new(tailcfg.Hostinfo)
+		if err := json.Unmarshal(sn.Hostinfo, n.Hostinfo); err != nil {
+			return nil, fmt.Errorf("hostinfo: %w", err)
+		}
+	}
+	return n, nil
+}
+
+func toStoreNode(n *Node) *store.Node {
+	sn := &store.Node{
+		ID: n.ID, MachineKey: n.MachineKey.String(), NodeKey: n.NodeKey.String(),
+		UserID: n.UserID, Tags: n.Tags, Hostname: n.Hostname, GivenName: n.GivenName,
+		IPv4: n.IPv4, IPv6: n.IPv6, Endpoints: n.Endpoints, AuthKeyID: n.AuthKeyID,
+		Ephemeral: n.Ephemeral, Expiry: n.Expiry, AdvertisedRoutes: n.AdvertisedRoutes,
+		ApprovedRoutes: n.ApprovedRoutes, CreatedAt: n.CreatedAt, LastSeen: n.LastSeen,
+	}
+	if !n.DiscoKey.IsZero() {
+		sn.DiscoKey = n.DiscoKey.String()
+	}
+	if n.Hostinfo != nil {
+		sn.Hostinfo, _ = json.Marshal(n.Hostinfo)
+	}
+	return sn
+}
+
+// PolicyUsers and PolicyNodes convert the tailnet for the policy engine.
+func (s *State) policyInputLocked() ([]policy.User, []policy.Node) {
+	users := make([]policy.User, 0, len(s.users))
+	for _, u := range s.users {
+		users = append(users, PolicyUser(u))
+	}
+	nodes := make([]policy.Node, 0, len(s.nodes))
+	for _, n := range s.nodes {
+		nodes = append(nodes, PolicyNode(n))
+	}
+	return users, nodes
+}
+
+// PolicyUser converts a user for the policy engine.
+func PolicyUser(u *User) policy.User {
+	return policy.User{ID: u.ID, Name: u.Name, Email: u.Email}
+}
+
+// PolicyNode converts a node for the policy engine.
+func PolicyNode(n *Node) policy.Node {
+	return policy.Node{
+		ID: n.ID, Hostname: n.Hostname, UserID: n.UserID, Tags: n.Tags,
+		IPv4: n.IPv4, IPv6: n.IPv6,
+		AdvertisedRoutes: n.AdvertisedRoutes, ApprovedRoutes: n.ApprovedRoutes,
+	}
+}
+
+// policyUsersLocked lists the users for the policy engine's lookups.
+func (s *State) policyUsersLocked() policy.Users {
+	us := make(policy.Users, 0, len(s.users))
+	for _, u := range s.users {
+		us = append(us, PolicyUser(u))
+	}
+	return us
+}

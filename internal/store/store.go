@@ -1,0 +1,123 @@
+// Package store persists tailplane's tailnet state. It decides nothing: the
+// state package validates and orders changes, the store makes them durable.
+//
+// The whole state is loaded once at start (Load); after that every change
+// reaches the store as a batch of mutations applied in one transaction
+// (Apply), which is how concurrent registrations share one commit.
+package store
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// ErrConflict is returned by Apply when a conditional mutation (ConsumeKey)
+// finds the row already changed: the whole batch is rolled back.
+var ErrConflict = errors.New("store: conflicting change")
+
+// ErrNotFound is returned when a mutation names a row that does not exist.
+var ErrNotFound = errors.New("store: not found")
+
+// User is a tailnet user.
+type User struct {
+	ID          uint64
+	Name        string // unique login name, e.g. "alice"
+	Email       string // optional; policies name users by email when set
+	DisplayName string
+	CreatedAt   time.Time
+}
+
+// Node is a registered machine.
+type Node struct {
+	ID         uint64
+	MachineKey string // key.MachinePublic text form ("mkey:...")
+	NodeKey    string // key.NodePublic text form ("nodekey:...")
+	DiscoKey   string // key.DiscoPublic text form; may be empty
+	UserID     uint64 // owner; for tagged nodes the user that registered it
+	Tags       []string
+	Hostname   string // as reported by the client
+	GivenName  string // unique DNS label within the tailnet
+	IPv4       netip.Addr
+	IPv6       netip.Addr
+	Hostinfo   []byte // tailcfg.Hostinfo as JSON; may be nil
+	Endpoints  []netip.AddrPort
+	AuthKeyID  string // pre-auth key used to register; may be empty
+	Ephemeral  bool
+	Expiry     time.Time // zero: never expires
+	// AdvertisedRoutes are what the client asks for; ApprovedRoutes what an
+	// admin or autoApprovers allowed.
+	AdvertisedRoutes []netip.Prefix
+	ApprovedRoutes   []netip.Prefix
+	CreatedAt        time.Time
+	LastSeen         time.Time
+}
+
+// PreAuthKey is a pre-authentication key. The secret itself is never
+// stored, only its SHA-256.
+type PreAuthKey struct {
+	ID         string // public id, the part between "tpkey-auth-" and the secret
+	SecretHash [32]byte
+	UserID     uint64
+	Reusable   bool
+	Ephemeral  bool
+	Tags       []string
+	Expiration time.Time // zero: never
+	CreatedAt  time.Time
+	Used       bool // a one-off key that has been consumed
+	Revoked    bool // expired by an admin
+}
+
+// Snapshot is everything the store holds, as read by Load.
+type Snapshot struct {
+	Users    []User
+	Nodes    []Node
+	Keys     []PreAuthKey
+	Settings map[string][]byte
+	// ChangeSeq is the newest change-log sequence number at load time.
+	ChangeSeq int64
+}
+
+// Mutation is one change inside a batch. Exactly one field is set.
+type Mutation struct {
+	PutUser    *User   // insert or replace by ID
+	DeleteUser uint64  // by ID; fails with ErrNotFound if absent
+	PutNode    *Node   // insert or replace by ID
+	DeleteNode uint64  // by ID; fails with ErrNotFound if absent
+	PutKey     *PreAuthKey
+	// ConsumeKey marks a one-off key used; ErrConflict if it already was.
+	// It is the atomic check-and-consume that stops two registrations (on
+	// one replica or several) from both using a one-off key, so it also
+	// conflicts when the key is revoked or reusable; ErrNotFound if absent.
+	ConsumeKey string
+	// PutSetting stores Value under Key (server keys, the policy, ...).
+	PutSetting *Setting
+}
+
+// Setting is a named blob.
+type Setting struct {
+	Key   string
+	Value []byte
+}
+
+// Change is one change-log entry: the mutations of one committed Apply
+// batch. Replicas sharing a database replay the entries written by the others.
+type Change struct {
+	Seq       int64
+	At        time.Time
+	Mutations []Mutation
+}
+
+// Store is implemented by the sqlite and postgres packages; both pass the
+// shared suite in package storetest.
+type Store interface {
+	// Load reads the whole state.
+	Load(ctx context.Context) (*Snapshot, error)
+	// Apply applies the mutations in order in one transaction, and appends
+	// one change-log entry for the batch. On any error nothing is applied.
+	// It returns the batch's change-log sequence number.
+	Apply(ctx context.Context, muts []Mutation) (seq int64, err error)
+	// Close releases the store's resources.
+	Close() error
+}
