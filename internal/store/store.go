@@ -81,10 +81,10 @@ type Snapshot struct {
 
 // Mutation is one change inside a batch. Exactly one field is set.
 type Mutation struct {
-	PutUser    *User   // insert or replace by ID
-	DeleteUser uint64  // by ID; fails with ErrNotFound if absent
-	PutNode    *Node   // insert or replace by ID
-	DeleteNode uint64  // by ID; fails with ErrNotFound if absent
+	PutUser    *User  // insert or replace by ID
+	DeleteUser uint64 // by ID; fails with ErrNotFound if absent
+	PutNode    *Node  // insert or replace by ID
+	DeleteNode uint64 // by ID; fails with ErrNotFound if absent
 	PutKey     *PreAuthKey
 	// ConsumeKey marks a one-off key used; ErrConflict if it already was.
 	// It is the atomic check-and-consume that stops two registrations (on

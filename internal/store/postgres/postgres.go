@@ -1,0 +1,244 @@
+// Package postgres is the store for tailplane replicas sharing one
+// PostgreSQL database. Besides store.Store it offers what a replica needs to
+// follow the others: the change log (ChangesSince) and its notifications
+// (Listen).
+package postgres
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tailplane/tailplane/internal/store"
+	"github.com/tailplane/tailplane/internal/store/sqlcommon"
+)
+
+// Channel is the NOTIFY channel on which every Apply announces its change
+// sequence number.
+const Channel = "tailplane_changes"
+
+// migrateLock is the advisory lock key under which a process migrates the
+// schema, so replicas starting together do not race on CREATE TABLE.
+const migrateLock = 0x7461696c706c616e // "tailplan"
+
+// Store is a store.Store on a PostgreSQL database. Its tables live in the
+// first schema of the connection's search_path.
+type Store struct {
+	pool *pgxpool.Pool
+}
+
+var _ store.Store = (*Store)(nil)
+
+// Open connects to the database named by dsn (a URL or key=value string as
+// pgx accepts) and migrates its schema.
+func Open(ctx context.Context, dsn string) (*Store, error) {
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: open: %w", err)
+	}
+	s := &Store{pool: pool}
+	err = s.inTx(ctx, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", int64(migrateLock)); err != nil {
+			return fmt.Errorf("lock: %w", err)
+		}
+		return sqlcommon.Migrate(ctx, conn{tx}, migrations)
+	})
+	if err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("postgres: open: migrate: %w", err)
+	}
+	return s, nil
+}
+
+// inTx runs fn in a transaction and commits if fn succeeds.
+func (s *Store) inTx(ctx context.Context, fn func(pgx.Tx) error) error {
+	return pgx.BeginFunc(ctx, s.pool, fn)
+}
+
+// Load reads the whole state from one consistent snapshot.
+func (s *Store) Load(ctx context.Context) (*store.Snapshot, error) {
+	var snap *store.Snapshot
+	err := pgx.BeginTxFunc(ctx, s.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly},
+		func(tx pgx.Tx) error {
+			var err error
+			snap, err = sqlcommon.Load(ctx, conn{tx})
+			return err
+		})
+	if err != nil {
+		return nil, fmt.Errorf("postgres: load: %w", err)
+	}
+	return snap, nil
+}
+
+// Sequence numbers are handed out at INSERT but become visible at COMMIT,
+// so two concurrent writers could commit seq 8 before seq 7, and a replica
+// that has read up to 8 would never see 7. Serializing the writers of a
+// change log for the whole transaction makes commit order seq order,
+// across replicas too. It is an advisory lock (one per schema), not LOCK
+// TABLE: pgx prepares a batch's statements before running any, and parsing
+// the INSERT already holds a lock on the table that LOCK TABLE would
+// conflict with, deadlocking two new connections.
+var lockChanges = sqlcommon.Stmt{SQL: "SELECT pg_advisory_xact_lock(hashtext('tailplane_changes.' || current_schema()))"}
+
+// notify announces the seq of the change just appended; NOTIFY is
+// delivered at commit, and only if the transaction commits.
+var notify = sqlcommon.Stmt{
+	SQL:  "SELECT pg_notify($1, currval(pg_get_serial_sequence('changes', 'seq'))::text)",
+	Args: []any{Channel},
+}
+
+// Apply applies muts in one transaction that also appends their
+// change-log entry and notifies Channel. The statements go to the server
+// in one pipelined round trip.
+func (s *Store) Apply(ctx context.Context, muts []store.Mutation) (int64, error) {
+	b, err := sqlcommon.NewBatch(muts, time.Now(), []sqlcommon.Stmt{lockChanges}, []sqlcommon.Stmt{notify})
+	if err != nil {
+		return 0, fmt.Errorf("postgres: apply: %w", err)
+	}
+	var seq int64
+	err = s.inTx(ctx, func(tx pgx.Tx) error {
+		var err error
+		seq, err = b.Result(run(ctx, tx, b.Stmts))
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("postgres: apply: %w", err)
+	}
+	return seq, nil
+}
+
+// run sends stmts as one pipelined batch and returns the results of those
+// that succeeded, and the error of the one that did not.
+func run(ctx context.Context, tx pgx.Tx, stmts []sqlcommon.Stmt) ([]int64, error) {
+	var batch pgx.Batch
+	for _, st := range stmts {
+		batch.Queue(st.SQL, st.Args...)
+	}
+	br := tx.SendBatch(ctx, &batch)
+	results := make([]int64, 0, len(stmts))
+	for _, st := range stmts {
+		var r int64
+		var err error
+		if st.Scan {
+			err = br.QueryRow().Scan(&r)
+		} else {
+			var tag pgconn.CommandTag
+			tag, err = br.Exec()
+			r = tag.RowsAffected()
+		}
+		if err != nil {
+			br.Close()
+			return results, err
+		}
+		results = append(results, r)
+	}
+	return results, br.Close()
+}
+
+// ChangesSince returns the change-log entries after seq, oldest first, at
+// most sqlcommon.MaxChanges of them: call again from the last one returned
+// until the result is empty. Sequence numbers can have gaps (a rolled-back
+// Apply uses one up) but never appear out of order: once seq N is visible,
+// every committed entry below N is too.
+func (s *Store) ChangesSince(ctx context.Context, seq int64) ([]store.Change, error) {
+	changes, err := sqlcommon.ChangesSince(ctx, conn{s.pool}, seq)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: changes since %d: %w", seq, err)
+	}
+	return changes, nil
+}
+
+// PruneChanges deletes the change-log entries up to seq, keeping the
+// newest, and returns how many it deleted. Prune only what every replica
+// has read; one that falls further behind must reload instead.
+func (s *Store) PruneChanges(ctx context.Context, seq int64) (int64, error) {
+	n, err := sqlcommon.PruneChanges(ctx, conn{s.pool}, seq)
+	if err != nil {
+		return 0, fmt.Errorf("postgres: prune changes: %w", err)
+	}
+	return n, nil
+}
+
+// Listen subscribes to Channel and calls fn with the sequence number of
+// each change committed from then on, by any replica, until ctx is done
+// (it then returns nil) or the connection fails (it returns the error; call
+// it again).
+//
+// Notifications are hints, not the log: one sent while no connection
+// listens is lost, and NOTIFY is per database, so a store in another schema
+// of the same database wakes fn too. So right after subscribing, Listen calls
+// fn with the newest sequence number in the log, and fn should catch up
+// with ChangesSince from the last entry it applied rather than trust seq.
+// fn runs on Listen's goroutine and delays the next notification.
+func (s *Store) Listen(ctx context.Context, fn func(seq int64)) error {
+	pc, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("postgres: listen: %w", err)
+	}
+	// The connection leaves the pool: it stays subscribed while it lives,
+	// and must not serve anyone else meanwhile.
+	c := pc.Hijack()
+	defer func() {
+		closeCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c.Close(closeCtx)
+	}()
+	if _, err := c.Exec(ctx, "LISTEN "+Channel); err != nil {
+		return listenErr(ctx, err)
+	}
+	var newest int64
+	if err := c.QueryRow(ctx, "SELECT COALESCE(MAX(seq), 0) FROM changes").Scan(&newest); err != nil {
+		return listenErr(ctx, err)
+	}
+	fn(newest)
+	for {
+		n, err := c.WaitForNotification(ctx)
+		if err != nil {
+			return listenErr(ctx, err)
+		}
+		seq, err := strconv.ParseInt(n.Payload, 10, 64)
+		if err != nil {
+			return fmt.Errorf("postgres: listen: bad payload %q on %s", n.Payload, n.Channel)
+		}
+		fn(seq)
+	}
+}
+
+func listenErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return nil
+	}
+	return fmt.Errorf("postgres: listen: %w", err)
+}
+
+// Close closes all connections. It is safe to call more than once.
+func (s *Store) Close() error {
+	s.pool.Close()
+	return nil
+}
+
+// conn adapts a pool or a transaction to sqlcommon.Conn.
+type conn struct {
+	c interface {
+		Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+		Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	}
+}
+
+func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
+	tag, err := c.c.Exec(ctx, query, args...)
+	return tag.RowsAffected(), err
+}
+
+func (c conn) Query(ctx context.Context, query string, args ...any) (sqlcommon.Rows, error) {
+	rows, err := c.c.Query(ctx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	return rows, nil
+}
