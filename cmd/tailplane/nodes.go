@@ -101,7 +101,9 @@ func newNodesCmd(g *globals) *cobra.Command {
 		},
 	}
 	expire := nodeCommand(g, "expire ID", "Expire a node's key now: the client must log in again", 1,
-		func(ctx context.Context, c *admin.Client, id uint64, _ []string) (*admin.Node, error) { return c.ExpireNode(ctx, id) })
+		func(ctx context.Context, c *admin.Client, id uint64, _ []string) (*admin.Node, error) {
+			return c.ExpireNode(ctx, id)
+		})
 	rename := nodeCommand(g, "rename ID NAME", "Set a node's MagicDNS name", 2,
 		func(ctx context.Context, c *admin.Client, id uint64, rest []string) (*admin.Node, error) {
 			return c.RenameNode(ctx, id, rest[0])

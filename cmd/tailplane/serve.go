@@ -1,34 +1,12 @@
 package main
 
 import (
-	"context"
-	"crypto/tls"
-	"errors"
-	"fmt"
-	"log/slog"
-	"net"
-	"net/http"
-	"net/http/pprof"
-	"os"
-	"os/signal"
-	"strings"
-	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
-	"tailscale.com/types/key"
 
-	"github.com/tailplane/tailplane/internal/admin"
 	"github.com/tailplane/tailplane/internal/config"
-	"github.com/tailplane/tailplane/internal/control"
-	"github.com/tailplane/tailplane/internal/derp"
-	"github.com/tailplane/tailplane/internal/metrics"
-	"github.com/tailplane/tailplane/internal/netmap"
-	"github.com/tailplane/tailplane/internal/state"
-	"github.com/tailplane/tailplane/internal/store"
-	"github.com/tailplane/tailplane/internal/store/postgres"
-	"github.com/tailplane/tailplane/internal/store/sqlite"
+	"github.com/tailplane/tailplane/internal/server"
 )
 
 // loadConfig applies defaults, the config file and the shared flags.
@@ -48,11 +26,11 @@ func loadConfig(g *globals) (config.Config, error) {
 func newServeCmd(g *globals) *cobra.Command {
 	var f struct {
 		listen, serverURL, tlsCert, tlsKey, dbType, sqlitePath, pgDSN string
-		v4, v6, stun, baseDomain, policyFile, metrics, debug      string
-		logLevel, logFormat                                       string
-		noDERP, noMagicDNS                                        bool
-		ephemeral                                                 time.Duration
-		nameservers                                               []string
+		v4, v6, stun, baseDomain, policyFile, metrics, debug          string
+		logLevel, logFormat                                           string
+		noDERP, noMagicDNS                                            bool
+		ephemeral                                                     time.Duration
+		nameservers                                                   []string
 	}
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -120,7 +98,7 @@ Clients older than Tailscale v1.80 are refused with a message saying so.`,
 			if err := cfg.Finish(); err != nil {
 				return err
 			}
-			return serve(cmd.Context(), cfg)
+			return server.Run(cmd.Context(), cfg)
 		},
 	}
 	fl := cmd.Flags()
@@ -145,267 +123,4 @@ Clients older than Tailscale v1.80 are refused with a message saying so.`,
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	return cmd
-}
-
-func newLogger(cfg config.Config) (*slog.Logger, error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
-		return nil, fmt.Errorf("log level %q: want debug, info, warn or error", cfg.LogLevel)
-	}
-	opts := &slog.HandlerOptions{Level: lvl}
-	switch cfg.LogFormat {
-	case "text":
-		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
-	case "json":
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
-	}
-	return nil, fmt.Errorf("log format %q: want text or json", cfg.LogFormat)
-}
-
-func openStore(ctx context.Context, cfg config.Config) (store.Store, error) {
-	switch cfg.Database.Type {
-	case "postgres":
-		return postgres.Open(ctx, cfg.Database.PostgresDSN)
-	default:
-		return sqlite.Open(cfg.Database.SQLitePath)
-	}
-}
-
-// loadOrCreateKey keeps a server key in the store so it survives restarts
-// and is shared by replicas.
-func loadOrCreateKey[T any, PT interface {
-	*T
-	MarshalText() ([]byte, error)
-	UnmarshalText([]byte) error
-}](ctx context.Context, st *state.State, name string, gen func() T) (T, error) {
-	if b := st.Setting(name); len(b) > 0 {
-		var k T
-		if err := PT(&k).UnmarshalText(b); err != nil {
-			return k, fmt.Errorf("stored %s: %w", name, err)
-		}
-		return k, nil
-	}
-	k := gen()
-	b, err := PT(&k).MarshalText()
-	if err != nil {
-		return k, err
-	}
-	return k, st.PutSetting(ctx, name, b)
-}
-
-func serve(parent context.Context, cfg config.Config) error {
-	log, err := newLogger(cfg)
-	if err != nil {
-		return err
-	}
-	slog.SetDefault(log)
-	ctx, stop := signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
-	defer stop()
-
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return fmt.Errorf("data dir: %w", err)
-	}
-	// Bind the public listener first: a port conflict is the most common
-	// start-up failure and should not leave a half-started server.
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
-	}
-	defer ln.Close()
-	adminLn, err := admin.Listen(cfg.AdminSocket())
-	if err != nil {
-		return err
-	}
-	defer adminLn.Close()
-
-	db, err := openStore(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	defer db.Close()
-	v4, _ := cfg.V4Prefix()
-	v6, _ := cfg.V6Prefix()
-	loadStart := time.Now()
-	st, err := state.New(ctx, state.Options{
-		Store: db, V4Prefix: v4, V6Prefix: v6, Logger: log,
-		OnCommit: func(n int, d time.Duration) {
-			metrics.CommitBatch.Observe(float64(n))
-			metrics.CommitSeconds.Observe(d.Seconds())
-		},
-	})
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	log.Info("state loaded", "users", len(st.Users()), "nodes", len(st.Nodes()), "took", time.Since(loadStart).Round(time.Millisecond))
-
-	if cfg.Policy.Mode == "file" {
-		loadPolicyFile(st, cfg.Policy.File, log)
-	}
-
-	noiseKey, err := loadOrCreateKey(ctx, st, state.SettingNoiseKey, key.NewMachine)
-	if err != nil {
-		return err
-	}
-	var derpSrv *derp.Embedded
-	static := netmap.Static{BaseDomain: cfg.DNS.BaseDomain, MagicDNS: cfg.DNS.MagicDNS, Nameservers: cfg.DNS.Nameservers}
-	if cfg.DERP.Enabled {
-		derpKey, err := loadOrCreateKey(ctx, st, "derp_private_key", key.NewNode)
-		if err != nil {
-			return err
-		}
-		derpSrv, err = derp.Start(ctx, derp.Options{
-			PrivateKey: derpKey, STUNListen: cfg.DERP.STUNListen, RegionID: cfg.DERP.RegionID,
-			RegionCode: cfg.DERP.RegionCode, RegionName: cfg.DERP.RegionName, ServerURL: cfg.ServerURL, Logger: log,
-		})
-		if err != nil {
-			return err
-		}
-		defer derpSrv.Close()
-		if static.DERPMap, err = derpSrv.DERPMap(); err != nil {
-			return err
-		}
-	}
-	eng := netmap.New(netmap.Options{State: st, Static: static, Logger: log})
-	go eng.Run(ctx)
-
-	ctlOpts := control.Options{State: st, Engine: eng, NoiseKey: noiseKey, Logger: log, EphemeralTimeout: cfg.EphemeralTimeout}
-	if derpSrv != nil {
-		ctlOpts.DERP = derpSrv.Handler()
-	}
-	ctl := control.New(ctlOpts)
-	ctl.ExpireStaleEphemerals()
-
-	srv := &http.Server{
-		Handler:           ctl,
-		ReadHeaderTimeout: 10 * time.Second,
-		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
-	}
-	errc := make(chan error, 4)
-	go func() {
-		if cfg.TLS.CertFile != "" {
-			cert, err := tls.LoadX509KeyPair(cfg.TLS.CertFile, cfg.TLS.KeyFile)
-			if err != nil {
-				errc <- fmt.Errorf("tls: %w", err)
-				return
-			}
-			srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
-			errc <- srv.ServeTLS(ln, "", "")
-			return
-		}
-		errc <- srv.Serve(ln)
-	}()
-
-	adm := admin.NewServer(st, cfg.DNS.BaseDomain, policyFileOf(cfg), log)
-	go func() { errc <- adm.Serve(adminLn) }()
-
-	if cfg.MetricsListen != "" {
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}))
-		go func() { errc <- serveAux(cfg.MetricsListen, mux) }()
-	}
-	if cfg.DebugListen != "" {
-		mux := http.NewServeMux()
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		go func() { errc <- serveAux(cfg.DebugListen, mux) }()
-	}
-	if cfg.Policy.Mode == "file" {
-		go watchPolicyFile(ctx, st, cfg.Policy.File, log)
-	}
-
-	stunInfo := "off"
-	if derpSrv != nil && derpSrv.STUNPort() > 0 {
-		stunInfo = fmt.Sprintf("udp/%d", derpSrv.STUNPort())
-	}
-	log.Info("tailplane serving", "url", cfg.ServerURL, "listen", ln.Addr().String(), "data_dir", cfg.DataDir,
-		"db", cfg.Database.Type, "derp", cfg.DERP.Enabled, "stun", stunInfo, "admin_socket", cfg.AdminSocket())
-
-	select {
-	case <-ctx.Done():
-	case err := <-errc:
-		if err != nil && !errors.Is(err, http.ErrServerClosed) {
-			return err
-		}
-	}
-	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	adm.Shutdown(sctx)
-	// Streaming map requests never finish by themselves; closing is how
-	// clients learn to reconnect.
-	srv.Close()
-	return nil
-}
-
-func serveAux(addr string, h http.Handler) error {
-	s := &http.Server{Addr: addr, Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	if err := s.ListenAndServe(); err != nil {
-		return fmt.Errorf("listen %s: %w", addr, err)
-	}
-	return nil
-}
-
-func policyFileOf(cfg config.Config) string {
-	if cfg.Policy.Mode == "file" {
-		return cfg.Policy.File
-	}
-	return ""
-}
-
-// loadPolicyFile activates the policy in path if it is valid; otherwise the
-// active policy (the last good one) stays and the error is logged.
-func loadPolicyFile(st *state.State, path string, log *slog.Logger) bool {
-	text, err := os.ReadFile(path)
-	if err != nil {
-		log.Error("policy file unreadable; the active policy stays in force", "file", path, "err", err)
-		return false
-	}
-	if _, cur := st.Policy(); string(cur) == string(text) {
-		return false
-	}
-	// Stored like a policy set through the API, so the last good file
-	// policy is what an invalid file falls back to after a restart.
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := st.SetPolicy(ctx, text); err != nil {
-		log.Error("policy file refused; the active policy stays in force", "file", path, "err", strings.TrimSpace(err.Error()))
-		return false
-	}
-	log.Info("policy loaded from file", "file", path, "bytes", len(text))
-	return true
-}
-
-// watchPolicyFile reloads the policy file when it changes or on SIGHUP.
-func watchPolicyFile(ctx context.Context, st *state.State, path string, log *slog.Logger) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	var lastMod time.Time
-	var lastSize int64
-	if fi, err := os.Stat(path); err == nil {
-		lastMod, lastSize = fi.ModTime(), fi.Size()
-	}
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-			log.Info("SIGHUP: reloading policy file", "file", path)
-			loadPolicyFile(st, path, log)
-		case <-tick.C:
-			fi, err := os.Stat(path)
-			if err != nil || (fi.ModTime().Equal(lastMod) && fi.Size() == lastSize) {
-				continue
-			}
-			lastMod, lastSize = fi.ModTime(), fi.Size()
-			loadPolicyFile(st, path, log)
-		}
-	}
 }

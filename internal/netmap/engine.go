@@ -79,6 +79,7 @@ type classEnc struct {
 type sessState struct {
 	s        *session.Session
 	self     *state.Node
+	selfJSON json.RawMessage
 	sent     map[uint64]sentPeer
 	filter   json.RawMessage
 	ssh      json.RawMessage
@@ -376,7 +377,7 @@ func (e *Engine) fullMapLocked(ss *sessState, n *state.Node) []byte {
 		SSHPolicy:       ce.ssh,
 		ControlTime:     &now,
 	}
-	ss.self, ss.filter, ss.ssh = n, ce.filter, ce.ssh
+	ss.self, ss.selfJSON, ss.filter, ss.ssh = n, m.Node, ce.filter, ce.ssh
 	e.addProfileLocked(ss, ownerID(n), &m.UserProfiles)
 	for _, p := range e.compiled.Peers(n.ID) {
 		pn := e.nodes[p.ID]
@@ -409,12 +410,25 @@ func (e *Engine) addProfileLocked(ss *sessState, uid tailcfg.UserID, out *[]tail
 
 func (e *Engine) selfJSONLocked(n *state.Node) json.RawMessage {
 	tn := e.tailNode(n, peerFields{})
-	if hi := n.Hostinfo; hi != nil {
-		tn.Hostinfo = hi.View()
-	}
-	tn.PrimaryRoutes = nil
+	// Whether a node is online is news for its peers, not for itself.
+	tn.PrimaryRoutes, tn.Online, tn.LastSeen = nil, nil, nil
 	tn.CapMap = e.compiled.CapMap(n.ID)
 	b, _ := json.Marshal(tn)
+	return b
+}
+
+// selfChangeLocked returns the session's own node if what it would see of
+// itself changed, else nil.
+func (e *Engine) selfChangeLocked(ss *sessState, n *state.Node) json.RawMessage {
+	if n == nil || n == ss.self {
+		return nil
+	}
+	ss.self = n
+	b := e.selfJSONLocked(n)
+	if bytes.Equal(b, ss.selfJSON) {
+		return nil
+	}
+	ss.selfJSON = b
 	return b
 }
 
@@ -426,10 +440,7 @@ func (e *Engine) refreshAllLocked(ss *sessState) *session.Update {
 		return nil
 	}
 	u := &session.Update{}
-	if ss.self != n {
-		u.Self = e.selfJSONLocked(n)
-		ss.self = n
-	}
+	u.Self = e.selfChangeLocked(ss, n)
 	ce := e.classEncLocked(n.ID)
 	if !bytes.Equal(ce.filter, ss.filter) {
 		u.PacketFilters = map[string]json.RawMessage{"*": nil, "base": ce.filter}
@@ -473,12 +484,11 @@ func (e *Engine) refreshChangedLocked(ss *sessState, changed []uint64) *session.
 	var u *session.Update
 	for _, id := range changed {
 		if id == ss.s.NodeID {
-			if n := e.nodes[id]; n != nil && n != ss.self {
+			if self := e.selfChangeLocked(ss, e.nodes[id]); self != nil {
 				if u == nil {
 					u = &session.Update{}
 				}
-				u.Self = e.selfJSONLocked(n)
-				ss.self = n
+				u.Self = self
 			}
 			continue
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/tailplane/tailplane/internal/store"
@@ -29,7 +30,14 @@ type committer struct {
 	log     *slog.Logger
 	metrics CommitObserver
 	stopped chan struct{}
+
+	// closeMu orders sends against close: senders hold it shared.
+	closeMu sync.RWMutex
+	closed  bool
 }
+
+// errClosed is returned for writes after the state was closed.
+var errClosed = errors.New("state is shut down")
 
 // CommitObserver receives the size and duration of every group commit.
 type CommitObserver func(requests int, d time.Duration)
@@ -43,9 +51,16 @@ func newCommitter(st store.Store, log *slog.Logger, obs CommitObserver) *committ
 // commit makes muts durable and waits for it.
 func (c *committer) commit(ctx context.Context, muts []store.Mutation) error {
 	r := &commitReq{muts: muts, done: make(chan error, 1)}
+	c.closeMu.RLock()
+	if c.closed {
+		c.closeMu.RUnlock()
+		return errClosed
+	}
 	select {
 	case c.reqs <- r:
+		c.closeMu.RUnlock()
 	case <-ctx.Done():
+		c.closeMu.RUnlock()
 		return ctx.Err()
 	}
 	// Once queued the write happens regardless of ctx: the caller must
@@ -56,6 +71,11 @@ func (c *committer) commit(ctx context.Context, muts []store.Mutation) error {
 // commitAsync queues muts without waiting; used for soft state such as
 // endpoints and last-seen times whose loss on a crash is harmless.
 func (c *committer) commitAsync(muts []store.Mutation) {
+	c.closeMu.RLock()
+	defer c.closeMu.RUnlock()
+	if c.closed {
+		return
+	}
 	select {
 	case c.reqs <- &commitReq{muts: muts}:
 	default:
@@ -63,8 +83,14 @@ func (c *committer) commitAsync(muts []store.Mutation) {
 	}
 }
 
+// close flushes queued writes and stops; later writes fail with errClosed.
 func (c *committer) close() {
-	close(c.reqs)
+	c.closeMu.Lock()
+	if !c.closed {
+		c.closed = true
+		close(c.reqs)
+	}
+	c.closeMu.Unlock()
 	<-c.stopped
 }
 

@@ -1,0 +1,298 @@
+package control
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+
+	"github.com/tailplane/tailplane/internal/netmap"
+	"github.com/tailplane/tailplane/internal/state"
+	"github.com/tailplane/tailplane/internal/store/sqlite"
+	"github.com/tailplane/tailplane/internal/testclient"
+)
+
+type testServer struct {
+	url string
+	st  *state.State
+}
+
+func newTestServer(t *testing.T) *testServer {
+	t.Helper()
+	db, err := sqlite.Open(filepath.Join(t.TempDir(), "tp.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := state.New(context.Background(), state.Options{
+		Store: db, V4Prefix: netip.MustParsePrefix("100.64.0.0/10"), V6Prefix: netip.MustParsePrefix("fd7a:115c:a1e0::/48"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	eng := netmap.New(netmap.Options{State: st, Static: netmap.Static{BaseDomain: "ts.test", DERPMap: &tailcfg.DERPMap{}}, Window: 2 * time.Millisecond})
+	go eng.Run(ctx)
+	srv := New(Options{State: st, Engine: eng, NoiseKey: key.NewMachine(), EphemeralTimeout: time.Second})
+	hs := httptest.NewServer(srv)
+	t.Cleanup(func() {
+		hs.CloseClientConnections()
+		hs.Close()
+		cancel()
+		st.Close()
+		db.Close()
+	})
+	return &testServer{url: hs.URL, st: st}
+}
+
+func (ts *testServer) key(t *testing.T, reusable bool) string {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := ts.st.UserByName("alice"); err != nil {
+		if _, err := ts.st.CreateUser(ctx, "alice", "alice@example.com"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ks, err := ts.st.CreateKeys(ctx, state.KeyParams{User: "alice", Reusable: reusable}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ks[0].Key
+}
+
+func join(t *testing.T, ts *testServer, authKey, host string) *testclient.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := testclient.New(ctx, ts.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	if _, err := c.Register(ctx, authKey, host); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func peerNames(peers []*tailcfg.Node) []string {
+	var out []string
+	for _, p := range peers {
+		out = append(out, strings.SplitN(p.Name, ".", 2)[0])
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestFullMapThenDeltas(t *testing.T) {
+	ts := newTestServer(t)
+	k := ts.key(t, true)
+	a := join(t, ts, k, "a")
+	join(t, ts, k, "b")
+	sa, err := a.Map(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sa.Close()
+	full, err := sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if full.Node == nil || full.Node.Name != "a.ts.test." || len(full.Node.Addresses) != 2 {
+		t.Fatalf("self node: %+v", full.Node)
+	}
+	if got := peerNames(full.Peers); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("full map peers = %v, want [b]", got)
+	}
+	if full.DERPMap == nil || full.DNSConfig == nil || full.PacketFilters == nil {
+		t.Fatalf("full map lacks DERP map, DNS or filter: %+v", full)
+	}
+
+	c := join(t, ts, k, "c")
+	d, err := sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := peerNames(d.PeersChanged); !slices.Equal(got, []string{"c"}) || len(d.Peers) != 0 {
+		t.Fatalf("join delta = %+v, want PeersChanged [c] only", d)
+	}
+
+	// c goes online: a receives a patch, not a whole node.
+	sc, err := c.Map(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sc.Next(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	d, err = sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(d.PeersChangedPatch) != 1 || d.PeersChangedPatch[0].Online == nil || !*d.PeersChangedPatch[0].Online || len(d.PeersChanged) != 0 {
+		t.Fatalf("online delta = %+v, want one online patch", d)
+	}
+	sc.Close()
+
+	cid := ts.st.NodeByKey(c.Node.Public()).ID
+	if err := ts.st.DeleteNode(context.Background(), cid); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		d, err = sa.Next(time.Until(deadline))
+		if err != nil {
+			t.Fatalf("waiting for removal: %v", err)
+		}
+		if slices.Contains(d.PeersRemoved, tailcfg.NodeID(cid)) {
+			break
+		}
+	}
+}
+
+func TestOldClientsRefused(t *testing.T) {
+	ts := newTestServer(t)
+	res, err := http.Get(ts.url + "/key?v=100")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 400 || !strings.Contains(string(body), "v1.80") {
+		t.Fatalf("/key?v=100: %d %q", res.StatusCode, body)
+	}
+
+	c, err := testclient.New(context.Background(), ts.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Version = 100
+	_, err = c.Register(context.Background(), ts.key(t, false), "old")
+	if err == nil || !strings.Contains(err.Error(), "v1.80") {
+		t.Fatalf("old client registration: %v", err)
+	}
+	if n := len(ts.st.Nodes()); n != 0 {
+		t.Fatalf("%d nodes after refused registration", n)
+	}
+}
+
+func TestBadKeysGetClearErrors(t *testing.T) {
+	ts := newTestServer(t)
+	oneOff := ts.key(t, false)
+	join(t, ts, oneOff, "first")
+	for _, tc := range []struct{ key, want string }{
+		{"tpkey-auth-nope-nope", "invalid pre-auth key"},
+		{oneOff, "already used"},
+		{"", "only accepts pre-auth keys"},
+	} {
+		c, err := testclient.New(context.Background(), ts.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = c.Register(context.Background(), tc.key, "x")
+		c.Close()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("key %q: error %v, want it to mention %q", tc.key, err, tc.want)
+		}
+	}
+	if n := len(ts.st.Nodes()); n != 1 {
+		t.Fatalf("%d nodes, want 1", n)
+	}
+}
+
+func TestOversizedAndMalformedRequests(t *testing.T) {
+	ts := newTestServer(t)
+	c, err := testclient.New(context.Background(), ts.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	big := fmt.Sprintf(`{"Version":%d,"Hostinfo":{"Hostname":%q}}`, tailcfg.CurrentCapabilityVersion, strings.Repeat("x", 2<<20))
+	code, body, err := c.Post(context.Background(), "/machine/register", []byte(big))
+	if err != nil || code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("oversized register: %d %q %v", code, body, err)
+	}
+	code, body, err = c.Post(context.Background(), "/machine/map", []byte(`{"Version":`))
+	if err != nil || code != http.StatusBadRequest || !strings.Contains(string(body), "malformed") {
+		t.Fatalf("malformed map: %d %q %v", code, body, err)
+	}
+	// The server is unaffected.
+	join(t, ts, ts.key(t, false), "ok")
+}
+
+func TestMalformedHandshakes(t *testing.T) {
+	ts := newTestServer(t)
+	addr := strings.TrimPrefix(ts.url, "http://")
+	for name, req := range map[string]string{
+		"no upgrade":       "POST /ts2021 HTTP/1.1\r\nHost: x\r\n\r\n",
+		"unknown protocol": "POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: nonsense\r\nConnection: upgrade\r\n\r\n",
+		"bad base64":       "POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: !!!\r\n\r\n",
+		"garbage init":     "POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: AAAA\r\n\r\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(conn, req)
+			res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				return // closed without an answer: also a refusal
+			}
+			if res.StatusCode == http.StatusSwitchingProtocols {
+				// The upgrade is answered before the Noise init is
+				// checked; then the server must close the connection
+				// (after at most an error frame), not hang.
+				if _, err := io.Copy(io.Discard, conn); err != nil {
+					t.Fatalf("connection not closed after a bad handshake: %v", err)
+				}
+				return
+			}
+			if res.StatusCode != http.StatusBadRequest {
+				t.Fatalf("status %d, want 400", res.StatusCode)
+			}
+		})
+	}
+	// A header that never ends is cut off by the server's header limit.
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "POST /ts2021 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Handshake: "+strings.Repeat("A", 2<<20))
+	conn.Close()
+	// The server still works.
+	join(t, ts, ts.key(t, false), "ok")
+}
+
+func TestNonStreamingMapAndLiteUpdate(t *testing.T) {
+	ts := newTestServer(t)
+	c := join(t, ts, ts.key(t, false), "solo")
+	ep := netip.MustParseAddrPort("127.0.0.1:41641")
+	lite, _ := json.Marshal(tailcfg.MapRequest{
+		Version: tailcfg.CurrentCapabilityVersion, NodeKey: c.Node.Public(), OmitPeers: true,
+		Endpoints: []netip.AddrPort{ep}, Hostinfo: &tailcfg.Hostinfo{Hostname: "solo"},
+	})
+	code, _, err := c.Post(context.Background(), "/machine/map", lite)
+	if err != nil || code != 200 {
+		t.Fatalf("lite update: %d %v", code, err)
+	}
+	if n := ts.st.NodeByKey(c.Node.Public()); n == nil || !slices.Equal(n.Endpoints, []netip.AddrPort{ep}) {
+		t.Fatalf("endpoints not recorded: %+v", n)
+	}
+}
