@@ -47,7 +47,7 @@ type Engine struct {
 	st     *state.State
 	static Static
 	log    *slog.Logger
-	window time.Duration
+	window time.Duration // base coalescing window; grows while batches are slow
 
 	inMu        sync.Mutex
 	dirty       map[uint64]struct{}
@@ -63,10 +63,17 @@ type Engine struct {
 	pol      *policy.Policy
 	compiled *policy.Compiled
 	enc      map[uint64]*peerEnc
-	classEnc map[int]*classEnc
+	classEnc map[classKey]*classEnc
 	sessions map[uint64]*sessState
 	dnsJSON  json.RawMessage
 	derpJSON json.RawMessage
+}
+
+// classKey names a cached filter encoding: a class, or one node of a class
+// whose filter names the node's own addresses.
+type classKey struct {
+	class int
+	node  uint64
 }
 
 // classEnc caches what all nodes of one identity class share.
@@ -103,7 +110,7 @@ func New(opts Options) *Engine {
 		st: opts.State, static: opts.Static, log: log, window: opts.Window,
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
-		enc: map[uint64]*peerEnc{}, classEnc: map[int]*classEnc{}, sessions: map[uint64]*sessState{},
+		enc: map[uint64]*peerEnc{}, classEnc: map[classKey]*classEnc{}, sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -145,16 +152,22 @@ func (e *Engine) Notify(ev state.Event) {
 	}
 }
 
+// maxWindow bounds the adaptive coalescing window.
+const maxWindow = 500 * time.Millisecond
+
 // Run processes change batches until ctx ends.
 func (e *Engine) Run(ctx context.Context) {
+	window := e.window
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-e.wake:
 		}
-		// Coalesce: let the rest of a burst arrive, then take it all.
-		t := time.NewTimer(e.window)
+		// Coalesce: let the rest of a burst arrive, then take it all. When
+		// batches are slow, wait longer so fewer, larger batches share the
+		// recompilation and diffing.
+		t := time.NewTimer(window)
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -165,19 +178,29 @@ func (e *Engine) Run(ctx context.Context) {
 		dirty, pol, users := e.dirty, e.policyDirty, e.usersDirty
 		e.dirty, e.policyDirty, e.usersDirty = map[uint64]struct{}{}, false, false
 		e.inMu.Unlock()
+		began := time.Now()
 		e.process(dirty, pol, users)
+		window = min(e.window+time.Since(began)/2, maxWindow)
 	}
 }
 
 // process applies one coalesced batch of changes and pushes updates.
+//
+// Most batches are incremental: nodes joined or left, or changed only
+// what peers can be patched with. Then the policy is recompiled (its cost
+// is per identity class, not per node) and each session learns only about
+// the nodes in the batch, through a class-level visibility check. A batch
+// that changes the policy, users, or a node's identity (user, tags,
+// addresses, routes) may change any pair's visibility, so every session's
+// view is diffed.
 func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged bool) {
 	start := time.Now()
 	metrics.ChangeBatch.Observe(float64(len(dirty) + btoi(policyChanged) + btoi(usersChanged)))
 	e.mu.Lock()
 	defer e.mu.Unlock()
 
-	structural := policyChanged || usersChanged
-	changed := make([]uint64, 0, len(dirty))
+	full := policyChanged || usersChanged
+	var added, removed, soft []uint64
 	for id := range dirty {
 		cur := e.st.Node(id)
 		prev := e.nodes[id]
@@ -191,17 +214,19 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 				ss.s.Close()
 				delete(e.sessions, id)
 			}
-			structural = true
+			removed = append(removed, id)
+			full = full || hasRoutes(prev)
 		case prev == nil:
 			e.nodes[id] = cur
-			structural = true
+			added = append(added, id)
+			full = full || hasRoutes(cur)
 		default:
 			e.nodes[id] = cur
 			if policyRelevantChange(prev, cur) {
-				structural = true
+				full = true
 			}
+			soft = append(soft, id)
 		}
-		changed = append(changed, id)
 	}
 	if usersChanged {
 		clear(e.users)
@@ -212,15 +237,16 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	if policyChanged {
 		e.pol, _ = e.st.Policy()
 	}
-	if structural {
+	membership := len(added) > 0 || len(removed) > 0
+	if full || membership {
 		e.recompileLocked()
 	}
 	for _, ss := range e.sessions {
 		var u *session.Update
-		if structural {
+		if full {
 			u = e.refreshAllLocked(ss)
 		} else {
-			u = e.refreshChangedLocked(ss, changed)
+			u = e.refreshIncrementalLocked(ss, added, removed, soft, membership)
 		}
 		if u != nil {
 			ss.s.Push(u)
@@ -228,6 +254,10 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	}
 	metrics.DeltaSeconds.Observe(time.Since(start).Seconds())
 }
+
+// hasRoutes reports whether a node carries routes: adding or removing a
+// router can change which router is primary for other viewers.
+func hasRoutes(n *state.Node) bool { return len(n.ApprovedRoutes) > 0 }
 
 func btoi(b bool) int {
 	if b {
@@ -270,7 +300,10 @@ func (e *Engine) recompileLocked() {
 }
 
 func (e *Engine) classEncLocked(nodeID uint64) *classEnc {
-	cl := e.compiled.ClassOf(nodeID)
+	cl := classKey{class: e.compiled.ClassOf(nodeID)}
+	if !e.compiled.FilterShared(nodeID) {
+		cl.node = nodeID
+	}
 	ce := e.classEnc[cl]
 	if ce == nil {
 		filter := e.compiled.Filter(nodeID)
@@ -478,18 +511,48 @@ func (e *Engine) refreshAllLocked(ss *sessState) *session.Update {
 	return u
 }
 
-// refreshChangedLocked handles a batch with no structural change: only
-// the changed nodes that the session already sees are re-sent or patched.
-func (e *Engine) refreshChangedLocked(ss *sessState, changed []uint64) *session.Update {
-	var u *session.Update
-	for _, id := range changed {
-		if id == ss.s.NodeID {
-			if self := e.selfChangeLocked(ss, e.nodes[id]); self != nil {
-				if u == nil {
-					u = &session.Update{}
-				}
-				u.Self = self
+// refreshIncrementalLocked applies a batch without identity changes to
+// one session: joined nodes it may see, left nodes it saw, patches for
+// changed peers, and its own filter if membership changed the sources.
+func (e *Engine) refreshIncrementalLocked(ss *sessState, added, removed, soft []uint64, membership bool) *session.Update {
+	u := &session.Update{}
+	me := ss.s.NodeID
+	if membership {
+		if n := e.nodes[me]; n != nil {
+			ce := e.classEncLocked(n.ID)
+			if !bytes.Equal(ce.filter, ss.filter) {
+				u.PacketFilters = map[string]json.RawMessage{"*": nil, "base": ce.filter}
+				ss.filter = ce.filter
 			}
+			if !bytes.Equal(ce.ssh, ss.ssh) {
+				u.SSHPolicy = ce.ssh
+				ss.ssh = ce.ssh
+			}
+		}
+	}
+	var profiles []tailcfg.UserProfile
+	for _, id := range added {
+		p, ok := e.compiled.PeerView(me, id)
+		if !ok {
+			continue
+		}
+		pn := e.nodes[id]
+		e.diffPeerLocked(ss, u, pn, p.AllowedIPs, p.PrimaryRoutes)
+		e.addProfileLocked(ss, ownerID(pn), &profiles)
+	}
+	e.profilesInto(u, profiles)
+	for _, id := range removed {
+		if _, ok := ss.sent[id]; ok {
+			delete(ss.sent, id)
+			if u.PeersRemoved == nil {
+				u.PeersRemoved = map[uint64]struct{}{}
+			}
+			u.PeersRemoved[id] = struct{}{}
+		}
+	}
+	for _, id := range soft {
+		if id == me {
+			u.Self = e.selfChangeLocked(ss, e.nodes[id])
 			continue
 		}
 		sp, ok := ss.sent[id]
@@ -497,11 +560,12 @@ func (e *Engine) refreshChangedLocked(ss *sessState, changed []uint64) *session.
 		if !ok || pn == nil || sp.node == pn {
 			continue
 		}
-		// No structural change: visibility and allowed IPs are as before.
-		if u == nil {
-			u = &session.Update{}
-		}
+		// No identity change: the peer's allowed IPs are as before.
 		e.diffPeerLocked(ss, u, pn, sp.allowed, sp.primary)
+	}
+	if u.Self == nil && u.PacketFilters == nil && u.SSHPolicy == nil && len(u.PeersChanged) == 0 &&
+		len(u.PeersRemoved) == 0 && len(u.Patches) == 0 && len(u.UserProfiles) == 0 {
+		return nil
 	}
 	return u
 }

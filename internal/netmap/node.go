@@ -124,7 +124,12 @@ func (e *Engine) peerJSON(n *state.Node, allowed, primary []netip.Prefix) *encod
 		pe = &peerEnc{node: n, variants: map[string]*encoded{}}
 		e.enc[n.ID] = pe
 	}
-	k := prefixKey(allowed) + "|" + prefixKey(primary)
+	// Most peers are seen with just their own addresses: skip building a
+	// key for them.
+	k := ""
+	if len(primary) > 0 || !isOwnAddrs(n, allowed) {
+		k = prefixKey(allowed) + "|" + prefixKey(primary)
+	}
 	if v := pe.variants[k]; v != nil {
 		return v
 	}
@@ -133,6 +138,10 @@ func (e *Engine) peerJSON(n *state.Node, allowed, primary []netip.Prefix) *encod
 	v := &encoded{full: full, fingerprint: fp}
 	pe.variants[k] = v
 	return v
+}
+
+func isOwnAddrs(n *state.Node, allowed []netip.Prefix) bool {
+	return len(allowed) == 2 && allowed[0] == netip.PrefixFrom(n.IPv4, 32) && allowed[1] == netip.PrefixFrom(n.IPv6, 128)
 }
 
 // patchFor describes the patchable difference between two versions.
