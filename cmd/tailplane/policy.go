@@ -32,13 +32,17 @@ func newPolicyCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printOut(g, p, func(w io.Writer) {
-				if p.Source == "default" {
-					fmt.Fprintln(os.Stderr, "no policy set: every node may reach every node (set one with 'tailplane policy set FILE')")
-					return
-				}
-				fmt.Fprint(w, p.Text)
-			})
+			if g.output == "json" {
+				return printOut(g, p, nil)
+			}
+			if p.Source == "default" {
+				fmt.Fprintln(os.Stderr, "no policy set: every node may reach every node (set one with 'tailplane policy set FILE')")
+				return nil
+			}
+			// The text as stored, byte for byte (not through the table
+			// writer, which would expand its tabs).
+			_, err = io.WriteString(os.Stdout, p.Text)
+			return err
 		},
 	}
 	set := &cobra.Command{

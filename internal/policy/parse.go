@@ -97,7 +97,7 @@ const maxCheckPeriod = 7 * 24 * time.Hour
 // Parse parses a HuJSON policy and validates everything that does not need
 // the tailnet's users and nodes.
 func Parse(src []byte) (*Policy, error) {
-	std, err := hujson.Standardize(src)
+	std, err := hujson.Standardize(bytes.Clone(src))
 	if err != nil {
 		return nil, fmt.Errorf("parsing policy: %w", err)
 	}
