@@ -296,3 +296,51 @@ func TestNonStreamingMapAndLiteUpdate(t *testing.T) {
 		t.Fatalf("endpoints not recorded: %+v", n)
 	}
 }
+
+func TestPolicyChangeSendsDeltas(t *testing.T) {
+	ts := newTestServer(t)
+	k := ts.key(t, true)
+	a := join(t, ts, k, "a")
+	join(t, ts, k, "b")
+	sa, err := a.Map(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sa.Close()
+	full, err := sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(full.Peers) != 1 {
+		t.Fatalf("full map peers: %v", peerNames(full.Peers))
+	}
+	bid := full.Peers[0].ID
+	// Only a's own traffic to itself: b is no longer visible to a.
+	if err := ts.st.SetPolicy(context.Background(), []byte(`{"acls":[{"action":"accept","src":["100.64.0.1"],"dst":["100.64.0.1:22"]}]}`)); err != nil {
+		t.Fatal(err)
+	}
+	d, err := sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(d.PeersRemoved, []tailcfg.NodeID{bid}) || d.PacketFilters == nil {
+		t.Fatalf("after restrictive policy: removed %v, filters %v", d.PeersRemoved, d.PacketFilters)
+	}
+	if err := ts.st.SetPolicy(context.Background(), []byte(`{"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}]}`)); err != nil {
+		t.Fatal(err)
+	}
+	d, err = sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := peerNames(d.PeersChanged); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("after open policy: changed %v", got)
+	}
+	// An invalid policy is refused and changes nothing.
+	if err := ts.st.SetPolicy(context.Background(), []byte(`{"acls":[{"action":"allow"}]}`)); err == nil {
+		t.Fatal("invalid policy accepted")
+	}
+	if _, err := sa.Next(300 * time.Millisecond); err == nil {
+		t.Fatal("a refused policy produced a map message")
+	}
+}

@@ -6,7 +6,6 @@
 package netmap
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"log/slog"
@@ -62,11 +61,13 @@ type Engine struct {
 	users    map[uint64]*state.User
 	pol      *policy.Policy
 	compiled *policy.Compiled
-	enc      map[uint64]*peerEnc
+	enc      map[*state.Node]*peerEnc
 	classEnc map[classKey]*classEnc
 	sessions map[uint64]*sessState
 	dnsJSON  json.RawMessage
 	derpJSON json.RawMessage
+	// batchDone is closed (and replaced) after every batch.
+	batchDone chan struct{}
 }
 
 // classKey names a cached filter encoding: a class, or one node of a class
@@ -82,22 +83,17 @@ type classEnc struct {
 	ssh    json.RawMessage
 }
 
-// sessState is what the engine last sent to one session.
+// sessState is what the engine keeps per session. It is O(1) in the
+// tailnet size: what a session has seen of its peers is implied by the
+// compiled policy and node versions the engine published before the
+// current batch, so it is never stored per peer (that was 100 bytes per
+// session-peer pair: 10 GB at 10,000 nodes).
 type sessState struct {
 	s        *session.Session
 	self     *state.Node
 	selfJSON json.RawMessage
-	sent     map[uint64]sentPeer
 	filter   json.RawMessage
 	ssh      json.RawMessage
-	profiles map[tailcfg.UserID]bool
-}
-
-type sentPeer struct {
-	node    *state.Node
-	enc     *encoded
-	allowed []netip.Prefix
-	primary []netip.Prefix
 }
 
 // New builds an engine over the current state and subscribes it to changes.
@@ -110,7 +106,7 @@ func New(opts Options) *Engine {
 		st: opts.State, static: opts.Static, log: log, window: opts.Window,
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
-		enc: map[uint64]*peerEnc{}, classEnc: map[classKey]*classEnc{}, sessions: map[uint64]*sessState{},
+		enc: map[*state.Node]*peerEnc{}, classEnc: map[classKey]*classEnc{}, batchDone: make(chan struct{}), sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -184,48 +180,69 @@ func (e *Engine) Run(ctx context.Context) {
 	}
 }
 
+// batch is one coalesced set of changes as the engine applies it.
+type batch struct {
+	added, removed, soft []uint64
+	// prev holds the version of every changed or removed node that
+	// sessions had before this batch.
+	prev map[uint64]*state.Node
+	// prevCompiled is the compilation sessions were in step with.
+	prevCompiled *policy.Compiled
+	full         bool
+}
+
+// oldNode is the version of id sessions had before the batch.
+func (e *Engine) oldNode(b *batch, id uint64) *state.Node {
+	if n, ok := b.prev[id]; ok {
+		return n
+	}
+	return e.nodes[id]
+}
+
 // process applies one coalesced batch of changes and pushes updates.
 //
 // Most batches are incremental: nodes joined or left, or changed only
-// what peers can be patched with. Then the policy is recompiled (its cost
-// is per identity class, not per node) and each session learns only about
-// the nodes in the batch, through a class-level visibility check. A batch
-// that changes the policy, users, or a node's identity (user, tags,
-// addresses, routes) may change any pair's visibility, so every session's
-// view is diffed.
+// what peers can be patched with. Then each session learns only about the
+// nodes in the batch, through class-level visibility checks on the new and
+// the previous compilation. A batch that changes the policy, users, or a
+// node's identity (user, tags, addresses, routes) may change any pair's
+// visibility, so every session's view is diffed, using peer lists
+// computed once per identity class.
 func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged bool) {
 	start := time.Now()
 	metrics.ChangeBatch.Observe(float64(len(dirty) + btoi(policyChanged) + btoi(usersChanged)))
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	defer func() {
+		close(e.batchDone)
+		e.batchDone = make(chan struct{})
+	}()
 
-	full := policyChanged || usersChanged
-	var added, removed, soft []uint64
+	b := &batch{prev: map[uint64]*state.Node{}, prevCompiled: e.compiled, full: policyChanged || usersChanged}
 	for id := range dirty {
 		cur := e.st.Node(id)
 		prev := e.nodes[id]
 		switch {
-		case cur == nil && prev == nil:
+		case cur == prev:
 			continue
 		case cur == nil:
 			delete(e.nodes, id)
-			delete(e.enc, id)
 			if ss := e.sessions[id]; ss != nil {
 				ss.s.Close()
 				delete(e.sessions, id)
 			}
-			removed = append(removed, id)
-			full = full || hasRoutes(prev)
+			b.removed = append(b.removed, id)
+			b.full = b.full || hasRoutes(prev)
 		case prev == nil:
-			e.nodes[id] = cur
-			added = append(added, id)
-			full = full || hasRoutes(cur)
+			b.added = append(b.added, id)
+			b.full = b.full || hasRoutes(cur)
 		default:
+			b.soft = append(b.soft, id)
+			b.full = b.full || policyRelevantChange(prev, cur)
+		}
+		b.prev[id] = prev
+		if cur != nil {
 			e.nodes[id] = cur
-			if policyRelevantChange(prev, cur) {
-				full = true
-			}
-			soft = append(soft, id)
 		}
 	}
 	if usersChanged {
@@ -237,19 +254,29 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	if policyChanged {
 		e.pol, _ = e.st.Policy()
 	}
-	membership := len(added) > 0 || len(removed) > 0
-	if full || membership {
+	membership := len(b.added) > 0 || len(b.removed) > 0
+	if b.full || membership {
 		e.recompileLocked()
+	}
+	var oldViews, newViews *classViews
+	if b.full {
+		oldViews, newViews = newClassViews(b.prevCompiled), newClassViews(e.compiled)
 	}
 	for _, ss := range e.sessions {
 		var u *session.Update
-		if full {
-			u = e.refreshAllLocked(ss)
+		if b.full {
+			u = e.diffAllLocked(ss, b, oldViews, newViews)
 		} else {
-			u = e.refreshIncrementalLocked(ss, added, removed, soft, membership)
+			u = e.diffBatchLocked(ss, b, membership)
 		}
 		if u != nil {
 			ss.s.Push(u)
+		}
+	}
+	// Encodings of versions no session holds any more are dropped.
+	for _, old := range b.prev {
+		if old != nil {
+			delete(e.enc, old)
 		}
 	}
 	metrics.DeltaSeconds.Observe(time.Since(start).Seconds())
@@ -324,22 +351,26 @@ func (e *Engine) classEncLocked(nodeID uint64) *classEnc {
 
 // Attach registers a new streaming session and queues its full map. A
 // previous session of the same node is closed: the newest stream wins.
+// The map's pieces are collected under the engine lock (so the record of
+// what the session has is exact) and assembled after it is released.
 func (e *Engine) Attach(s *session.Session) bool {
 	e.catchUp(s.NodeID)
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	n := e.nodes[s.NodeID]
 	if n == nil {
+		e.mu.Unlock()
 		return false
 	}
 	if old := e.sessions[s.NodeID]; old != nil {
 		old.s.Close()
 	}
-	ss := &sessState{s: s, sent: map[uint64]sentPeer{}, profiles: map[tailcfg.UserID]bool{}}
+	ss := &sessState{s: s}
 	e.sessions[s.NodeID] = ss
-	full := e.fullMapLocked(ss, n)
+	s.ExpectFull()
+	parts := e.fullPartsLocked(ss, n)
 	metrics.Sessions.Set(float64(len(e.sessions)))
-	s.Push(&session.Update{Full: full})
+	e.mu.Unlock()
+	s.Push(&session.Update{Full: parts.assemble()})
 	return true
 }
 
@@ -361,83 +392,115 @@ func (e *Engine) Detach(s *session.Session) bool {
 func (e *Engine) FullMap(nodeID uint64) ([]byte, bool) {
 	e.catchUp(nodeID)
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	n := e.nodes[nodeID]
 	if n == nil {
+		e.mu.Unlock()
 		return nil, false
 	}
-	ss := &sessState{sent: map[uint64]sentPeer{}, profiles: map[tailcfg.UserID]bool{}}
-	return e.fullMapLocked(ss, n), true
-}
-
-// catchUp publishes a node the fan-out has not processed yet: a client
-// that just registered asks for its map before the coalescing window ends.
-func (e *Engine) catchUp(nodeID uint64) {
-	e.mu.Lock()
-	known := e.nodes[nodeID] != nil
+	parts := e.fullPartsLocked(&sessState{}, n)
 	e.mu.Unlock()
-	if !known && e.st.Node(nodeID) != nil {
-		e.process(map[uint64]struct{}{nodeID: {}}, false, false)
+	return parts.assemble(), true
+}
+
+// catchUp waits until the fan-out has published a node that exists in
+// the state: a client that just registered asks for its map before the
+// coalescing window that announces it has ended. Waiting for that batch,
+// rather than processing the node alone, keeps joins batched.
+func (e *Engine) catchUp(nodeID uint64) {
+	deadline := time.NewTimer(catchUpTimeout)
+	defer deadline.Stop()
+	for {
+		e.mu.Lock()
+		known := e.nodes[nodeID] != nil
+		done := e.batchDone
+		e.mu.Unlock()
+		if known || e.st.Node(nodeID) == nil {
+			return
+		}
+		e.Notify(state.Event{Kind: state.NodeChanged, NodeID: nodeID})
+		select {
+		case <-done:
+		case <-deadline.C:
+			return
+		}
 	}
 }
 
-// wireFull mirrors tailcfg.MapResponse for a complete map, with shared
-// pieces spliced in as raw JSON.
-type wireFull struct {
-	KeepAlive       bool                       `json:",omitempty"`
-	Node            json.RawMessage            `json:",omitempty"`
-	DERPMap         json.RawMessage            `json:",omitempty"`
-	Peers           []json.RawMessage          `json:",omitempty"`
-	DNSConfig       json.RawMessage            `json:",omitempty"`
-	Domain          string                     `json:",omitempty"`
-	CollectServices opt.Bool                   `json:",omitempty"`
-	PacketFilters   map[string]json.RawMessage `json:",omitempty"`
-	UserProfiles    []tailcfg.UserProfile      `json:",omitempty"`
-	SSHPolicy       json.RawMessage            `json:",omitempty"`
-	ControlTime     *time.Time                 `json:",omitempty"`
+// catchUpTimeout bounds how long a first map request waits for its node
+// to be published.
+const catchUpTimeout = 30 * time.Second
+
+// fullParts are the pieces of a full map: shared encodings, referenced,
+// not copied.
+type fullParts struct {
+	self, derp, dns, filter, ssh []byte
+	peers                        [][]byte
+	profiles                     []tailcfg.UserProfile
+	domain                       string
 }
 
-func (e *Engine) fullMapLocked(ss *sessState, n *state.Node) []byte {
+// assemble builds the map message (fields as in tailcfg.MapResponse).
+func (p *fullParts) assemble() []byte {
+	size := len(p.self) + len(p.derp) + len(p.dns) + len(p.filter) + len(p.ssh) + 256
+	for _, b := range p.peers {
+		size += len(b) + 1
+	}
+	o := session.NewObj(make([]byte, 0, size))
+	o.Raw("Node", p.self)
+	o.Raw("DERPMap", p.derp)
+	o.RawList("Peers", p.peers)
+	o.Raw("DNSConfig", p.dns)
+	o.Value("Domain", p.domain)
+	o.Value("CollectServices", opt.False)
+	o.Raw("PacketFilters", append(append([]byte(`{"*":null,"base":`), p.filter...), '}'))
+	o.Value("UserProfiles", p.profiles)
+	o.Raw("SSHPolicy", p.ssh)
+	o.Value("ControlTime", time.Now().UTC())
+	return o.Bytes()
+}
+
+func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) *fullParts {
 	ce := e.classEncLocked(n.ID)
-	now := time.Now().UTC()
-	m := wireFull{
-		Node:            e.selfJSONLocked(n),
-		DERPMap:         e.derpJSON,
-		DNSConfig:       e.dnsJSON,
-		Domain:          e.static.BaseDomain,
-		CollectServices: opt.False,
-		PacketFilters:   map[string]json.RawMessage{"*": nil, "base": ce.filter},
-		SSHPolicy:       ce.ssh,
-		ControlTime:     &now,
+	p := &fullParts{
+		self: e.selfJSONLocked(n), derp: e.derpJSON, dns: e.dnsJSON,
+		filter: ce.filter, ssh: ce.ssh, domain: e.static.BaseDomain,
 	}
-	ss.self, ss.selfJSON, ss.filter, ss.ssh = n, m.Node, ce.filter, ce.ssh
-	e.addProfileLocked(ss, ownerID(n), &m.UserProfiles)
-	for _, p := range e.compiled.Peers(n.ID) {
-		pn := e.nodes[p.ID]
+	ss.self, ss.selfJSON, ss.filter, ss.ssh = n, p.self, ce.filter, ce.ssh
+	prof := profileSet{}
+	prof.add(e, ownerID(n))
+	// Peers come from the compiler in id order; the protocol requires it.
+	peers := e.compiled.Peers(n.ID)
+	p.peers = make([][]byte, 0, len(peers))
+	for _, pv := range peers {
+		pn := e.nodes[pv.ID]
 		if pn == nil {
 			continue
 		}
-		enc := e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes)
-		ss.sent[p.ID] = sentPeer{node: pn, enc: enc, allowed: p.AllowedIPs, primary: p.PrimaryRoutes}
-		m.Peers = append(m.Peers, enc.full)
-		e.addProfileLocked(ss, ownerID(pn), &m.UserProfiles)
+		p.peers = append(p.peers, e.peerJSON(pn, pv.AllowedIPs, pv.PrimaryRoutes).full)
+		prof.add(e, ownerID(pn))
 	}
-	// Peers come from the compiler in id order; the protocol requires it.
-	b, _ := json.Marshal(&m)
-	return b
+	p.profiles = prof.list
+	return p
 }
 
-func (e *Engine) addProfileLocked(ss *sessState, uid tailcfg.UserID, out *[]tailcfg.UserProfile) {
-	if ss.profiles[uid] {
+// profileSet collects the user profiles a message must carry.
+type profileSet struct {
+	seen map[tailcfg.UserID]bool
+	list []tailcfg.UserProfile
+}
+
+func (ps *profileSet) add(e *Engine, uid tailcfg.UserID) {
+	if ps.seen[uid] {
 		return
 	}
-	ss.profiles[uid] = true
+	if ps.seen == nil {
+		ps.seen = map[tailcfg.UserID]bool{}
+	}
+	ps.seen[uid] = true
 	if uid == TaggedUserID {
-		*out = append(*out, taggedProfile)
-		return
-	}
-	if u := e.users[uint64(uid)]; u != nil {
-		*out = append(*out, profileOf(u))
+		ps.list = append(ps.list, taggedProfile)
+	} else if u := e.users[uint64(uid)]; u != nil {
+		ps.list = append(ps.list, profileOf(u))
 	}
 }
 
@@ -448,160 +511,6 @@ func (e *Engine) selfJSONLocked(n *state.Node) json.RawMessage {
 	tn.CapMap = e.compiled.CapMap(n.ID)
 	b, _ := json.Marshal(tn)
 	return b
-}
-
-// selfChangeLocked returns the session's own node if what it would see of
-// itself changed, else nil.
-func (e *Engine) selfChangeLocked(ss *sessState, n *state.Node) json.RawMessage {
-	if n == nil || n == ss.self {
-		return nil
-	}
-	ss.self = n
-	b := e.selfJSONLocked(n)
-	if bytes.Equal(b, ss.selfJSON) {
-		return nil
-	}
-	ss.selfJSON = b
-	return b
-}
-
-// refreshAllLocked diffs everything a session sees after a structural
-// change (policy, membership, identities).
-func (e *Engine) refreshAllLocked(ss *sessState) *session.Update {
-	n := e.nodes[ss.s.NodeID]
-	if n == nil {
-		return nil
-	}
-	u := &session.Update{}
-	u.Self = e.selfChangeLocked(ss, n)
-	ce := e.classEncLocked(n.ID)
-	if !bytes.Equal(ce.filter, ss.filter) {
-		u.PacketFilters = map[string]json.RawMessage{"*": nil, "base": ce.filter}
-		ss.filter = ce.filter
-	}
-	if !bytes.Equal(ce.ssh, ss.ssh) {
-		u.SSHPolicy = ce.ssh
-		ss.ssh = ce.ssh
-	}
-	var profiles []tailcfg.UserProfile
-	seen := make(map[uint64]struct{}, len(ss.sent))
-	for _, p := range e.compiled.Peers(n.ID) {
-		pn := e.nodes[p.ID]
-		if pn == nil {
-			continue
-		}
-		seen[p.ID] = struct{}{}
-		e.diffPeerLocked(ss, u, pn, p.AllowedIPs, p.PrimaryRoutes)
-		e.addProfileLocked(ss, ownerID(pn), &profiles)
-	}
-	for id := range ss.sent {
-		if _, ok := seen[id]; !ok {
-			if u.PeersRemoved == nil {
-				u.PeersRemoved = map[uint64]struct{}{}
-			}
-			u.PeersRemoved[id] = struct{}{}
-			delete(ss.sent, id)
-		}
-	}
-	e.profilesInto(u, profiles)
-	if u.Self == nil && u.PacketFilters == nil && u.SSHPolicy == nil && len(u.PeersChanged) == 0 &&
-		len(u.PeersRemoved) == 0 && len(u.Patches) == 0 && len(u.UserProfiles) == 0 {
-		return nil
-	}
-	return u
-}
-
-// refreshIncrementalLocked applies a batch without identity changes to
-// one session: joined nodes it may see, left nodes it saw, patches for
-// changed peers, and its own filter if membership changed the sources.
-func (e *Engine) refreshIncrementalLocked(ss *sessState, added, removed, soft []uint64, membership bool) *session.Update {
-	u := &session.Update{}
-	me := ss.s.NodeID
-	if membership {
-		if n := e.nodes[me]; n != nil {
-			ce := e.classEncLocked(n.ID)
-			if !bytes.Equal(ce.filter, ss.filter) {
-				u.PacketFilters = map[string]json.RawMessage{"*": nil, "base": ce.filter}
-				ss.filter = ce.filter
-			}
-			if !bytes.Equal(ce.ssh, ss.ssh) {
-				u.SSHPolicy = ce.ssh
-				ss.ssh = ce.ssh
-			}
-		}
-	}
-	var profiles []tailcfg.UserProfile
-	for _, id := range added {
-		p, ok := e.compiled.PeerView(me, id)
-		if !ok {
-			continue
-		}
-		pn := e.nodes[id]
-		e.diffPeerLocked(ss, u, pn, p.AllowedIPs, p.PrimaryRoutes)
-		e.addProfileLocked(ss, ownerID(pn), &profiles)
-	}
-	e.profilesInto(u, profiles)
-	for _, id := range removed {
-		if _, ok := ss.sent[id]; ok {
-			delete(ss.sent, id)
-			if u.PeersRemoved == nil {
-				u.PeersRemoved = map[uint64]struct{}{}
-			}
-			u.PeersRemoved[id] = struct{}{}
-		}
-	}
-	for _, id := range soft {
-		if id == me {
-			u.Self = e.selfChangeLocked(ss, e.nodes[id])
-			continue
-		}
-		sp, ok := ss.sent[id]
-		pn := e.nodes[id]
-		if !ok || pn == nil || sp.node == pn {
-			continue
-		}
-		// No identity change: the peer's allowed IPs are as before.
-		e.diffPeerLocked(ss, u, pn, sp.allowed, sp.primary)
-	}
-	if u.Self == nil && u.PacketFilters == nil && u.SSHPolicy == nil && len(u.PeersChanged) == 0 &&
-		len(u.PeersRemoved) == 0 && len(u.Patches) == 0 && len(u.UserProfiles) == 0 {
-		return nil
-	}
-	return u
-}
-
-// diffPeerLocked adds to u what the session needs to learn about peer pn.
-func (e *Engine) diffPeerLocked(ss *sessState, u *session.Update, pn *state.Node, allowed, primary []netip.Prefix) {
-	enc := e.peerJSON(pn, allowed, primary)
-	sp, had := ss.sent[pn.ID]
-	ss.sent[pn.ID] = sentPeer{node: pn, enc: enc, allowed: allowed, primary: primary}
-	if had && sp.enc == enc {
-		return
-	}
-	if had && bytes.Equal(sp.enc.fingerprint, enc.fingerprint) {
-		if bytes.Equal(sp.enc.full, enc.full) {
-			return
-		}
-		if u.Patches == nil {
-			u.Patches = map[uint64]*tailcfg.PeerChange{}
-		}
-		u.Patches[pn.ID] = patchFor(sp.node, pn)
-		return
-	}
-	if u.PeersChanged == nil {
-		u.PeersChanged = map[uint64]json.RawMessage{}
-	}
-	u.PeersChanged[pn.ID] = enc.full
-}
-
-func (e *Engine) profilesInto(u *session.Update, ps []tailcfg.UserProfile) {
-	for _, p := range ps {
-		b, _ := json.Marshal(p)
-		if u.UserProfiles == nil {
-			u.UserProfiles = map[uint64]json.RawMessage{}
-		}
-		u.UserProfiles[uint64(p.ID)] = b
-	}
 }
 
 func resolver(addr string) *dnstype.Resolver { return &dnstype.Resolver{Addr: addr} }

@@ -95,7 +95,6 @@ func (e *Engine) tailNode(n *state.Node, f peerFields) *tailcfg.Node {
 
 // peerEnc caches one node version's encodings, per allowed-IPs variant.
 type peerEnc struct {
-	node     *state.Node
 	variants map[string]*encoded
 }
 
@@ -119,10 +118,10 @@ func prefixKey(ps []netip.Prefix) string {
 // peerJSON returns the shared encoding of n as a peer, encoding it once
 // per node version and allowed-IPs variant (DESIGN principle 4).
 func (e *Engine) peerJSON(n *state.Node, allowed, primary []netip.Prefix) *encoded {
-	pe := e.enc[n.ID]
-	if pe == nil || pe.node != n {
-		pe = &peerEnc{node: n, variants: map[string]*encoded{}}
-		e.enc[n.ID] = pe
+	pe := e.enc[n]
+	if pe == nil {
+		pe = &peerEnc{variants: map[string]*encoded{}}
+		e.enc[n] = pe
 	}
 	// Most peers are seen with just their own addresses: skip building a
 	// key for them.

@@ -1,55 +1,66 @@
 package session
 
 import (
-	"encoding/json"
 	"slices"
-	"time"
 
 	"tailscale.com/tailcfg"
 )
 
-// wireDelta mirrors the tailcfg.MapResponse fields a delta uses, with
-// pre-encoded parts as raw JSON so shared encodings are spliced, not
-// re-marshalled. Field names match tailcfg.MapResponse's JSON.
-type wireDelta struct {
-	Node              json.RawMessage            `json:",omitempty"`
-	PeersChanged      []json.RawMessage          `json:",omitempty"`
-	PeersRemoved      []tailcfg.NodeID           `json:",omitempty"`
-	PeersChangedPatch []*tailcfg.PeerChange      `json:",omitempty"`
-	OnlineChange      map[tailcfg.NodeID]bool    `json:",omitempty"`
-	PacketFilters     map[string]json.RawMessage `json:",omitempty"`
-	UserProfiles      []json.RawMessage          `json:",omitempty"`
-	SSHPolicy         json.RawMessage            `json:",omitempty"`
-	ControlTime       *time.Time                 `json:",omitempty"`
-}
-
-// Encode turns an update (without Full) into one delta message. Peers are
-// sorted by id, as the protocol requires.
+// Encode turns an update (without Full) into one delta message. Field
+// names are those of tailcfg.MapResponse; peers are sorted by id, as the
+// protocol requires; pre-encoded parts are spliced in unchanged.
 func Encode(u *Update) ([]byte, error) {
-	var d wireDelta
-	d.Node = u.Self
-	for _, id := range sortedKeys(u.PeersChanged) {
-		d.PeersChanged = append(d.PeersChanged, u.PeersChanged[id])
+	o := NewObj(nil)
+	o.Raw("Node", u.Self)
+	if len(u.PeersChanged) > 0 {
+		peers := make([][]byte, 0, len(u.PeersChanged))
+		for _, id := range sortedKeys(u.PeersChanged) {
+			peers = append(peers, u.PeersChanged[id])
+		}
+		o.RawList("PeersChanged", peers)
 	}
-	for _, id := range sortedKeys(u.PeersRemoved) {
-		d.PeersRemoved = append(d.PeersRemoved, tailcfg.NodeID(id))
-	}
-	for _, id := range sortedKeys(u.Patches) {
-		d.PeersChangedPatch = append(d.PeersChangedPatch, u.Patches[id])
-	}
-	if len(u.Online) > 0 {
-		d.OnlineChange = make(map[tailcfg.NodeID]bool, len(u.Online))
-		for id, on := range u.Online {
-			d.OnlineChange[tailcfg.NodeID(id)] = on
+	if len(u.PeersRemoved) > 0 {
+		ids := make([]tailcfg.NodeID, 0, len(u.PeersRemoved))
+		for _, id := range sortedKeys(u.PeersRemoved) {
+			ids = append(ids, tailcfg.NodeID(id))
+		}
+		if err := o.Value("PeersRemoved", ids); err != nil {
+			return nil, err
 		}
 	}
-	d.PacketFilters = u.PacketFilters
-	for _, id := range sortedKeys(u.UserProfiles) {
-		d.UserProfiles = append(d.UserProfiles, u.UserProfiles[id])
+	if len(u.Patches) > 0 {
+		ps := make([]*tailcfg.PeerChange, 0, len(u.Patches))
+		for _, id := range sortedKeys(u.Patches) {
+			ps = append(ps, u.Patches[id])
+		}
+		if err := o.Value("PeersChangedPatch", ps); err != nil {
+			return nil, err
+		}
 	}
-	d.SSHPolicy = u.SSHPolicy
-	return json.Marshal(&d)
+	if len(u.Online) > 0 {
+		m := make(map[tailcfg.NodeID]bool, len(u.Online))
+		for id, on := range u.Online {
+			m[tailcfg.NodeID(id)] = on
+		}
+		if err := o.Value("OnlineChange", m); err != nil {
+			return nil, err
+		}
+	}
+	if u.PacketFilters != nil {
+		o.Raw("PacketFilters", filterChunks(u.PacketFilters))
+	}
+	if len(u.UserProfiles) > 0 {
+		ps := make([][]byte, 0, len(u.UserProfiles))
+		for _, id := range sortedKeys(u.UserProfiles) {
+			ps = append(ps, u.UserProfiles[id])
+		}
+		o.RawList("UserProfiles", ps)
+	}
+	o.Raw("SSHPolicy", u.SSHPolicy)
+	return o.Bytes(), nil
 }
+
+func sortStrings(s []string) { slices.Sort(s) }
 
 func sortedKeys[V any](m map[uint64]V) []uint64 {
 	if len(m) == 0 {

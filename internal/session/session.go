@@ -51,9 +51,11 @@ func (u *Update) empty() bool {
 
 // merge folds a newer update n into u. The newest value of everything
 // wins; a peer change supersedes older patches and removal of that peer.
+//
+// A Full map is sent before the rest: updates pushed while a session awaits
+// its full map were computed relative to that map, so they follow it.
 func (u *Update) merge(n *Update) {
 	if n.Full != nil {
-		*u = Update{}
 		u.Full = n.Full
 	}
 	if n.Self != nil {
@@ -134,8 +136,9 @@ type Session struct {
 	NodeID   uint64
 	compress bool
 
-	mu      sync.Mutex
-	pending Update
+	mu        sync.Mutex
+	pending   Update
+	awaitFull bool // nothing is sent until the full map is pushed
 	wake    chan struct{}
 	done    chan struct{}
 	once    sync.Once
@@ -154,11 +157,23 @@ func (s *Session) Push(u *Update) {
 		metrics.QueueMerges.Inc()
 	}
 	s.pending.merge(u)
+	if u.Full != nil {
+		s.awaitFull = false
+	}
 	s.mu.Unlock()
 	select {
 	case s.wake <- struct{}{}:
 	default:
 	}
+}
+
+// ExpectFull holds back everything until a Push with a Full map: the
+// engine registers a session, then builds its first map outside its lock
+// while later changes are already pushed.
+func (s *Session) ExpectFull() {
+	s.mu.Lock()
+	s.awaitFull = true
+	s.mu.Unlock()
 }
 
 // Close ends the session's Run (the client opened a newer stream, or the
@@ -199,6 +214,10 @@ func (s *Session) Run(ctx context.Context, w Writer) error {
 			}
 		case <-s.wake:
 			s.mu.Lock()
+			if s.awaitFull {
+				s.mu.Unlock()
+				continue
+			}
 			u := s.pending
 			s.pending = Update{}
 			s.mu.Unlock()

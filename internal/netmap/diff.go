@@ -1,0 +1,224 @@
+package netmap
+
+import (
+	"bytes"
+	"encoding/json"
+	"slices"
+
+	"tailscale.com/tailcfg"
+
+	"github.com/tailplane/tailplane/internal/policy"
+	"github.com/tailplane/tailplane/internal/session"
+	"github.com/tailplane/tailplane/internal/state"
+)
+
+// update accumulates one session's delta.
+type update struct {
+	u    session.Update
+	prof profileSet
+}
+
+func (d *update) changed(e *Engine, pn *state.Node, enc *encoded) {
+	if d.u.PeersChanged == nil {
+		d.u.PeersChanged = map[uint64]json.RawMessage{}
+	}
+	d.u.PeersChanged[pn.ID] = enc.full
+	d.prof.add(e, ownerID(pn))
+}
+
+func (d *update) removed(id uint64) {
+	if d.u.PeersRemoved == nil {
+		d.u.PeersRemoved = map[uint64]struct{}{}
+	}
+	d.u.PeersRemoved[id] = struct{}{}
+}
+
+// peer records what the session must learn about a peer it saw as oldEnc
+// (of version old) and now sees as newEnc: nothing, a patch, or the node.
+func (d *update) peer(e *Engine, old, cur *state.Node, oldEnc, newEnc *encoded) {
+	switch {
+	case oldEnc == newEnc || bytes.Equal(oldEnc.full, newEnc.full):
+	case bytes.Equal(oldEnc.fingerprint, newEnc.fingerprint):
+		if d.u.Patches == nil {
+			d.u.Patches = map[uint64]*tailcfg.PeerChange{}
+		}
+		d.u.Patches[cur.ID] = patchFor(old, cur)
+	default:
+		d.changed(e, cur, newEnc)
+	}
+}
+
+// result returns the update, or nil when there is nothing to send.
+func (d *update) result() *session.Update {
+	for _, p := range d.prof.list {
+		b, _ := json.Marshal(p)
+		if d.u.UserProfiles == nil {
+			d.u.UserProfiles = map[uint64]json.RawMessage{}
+		}
+		d.u.UserProfiles[uint64(p.ID)] = b
+	}
+	u := &d.u
+	if u.Self == nil && u.PacketFilters == nil && u.SSHPolicy == nil && len(u.PeersChanged) == 0 &&
+		len(u.PeersRemoved) == 0 && len(u.Patches) == 0 {
+		return nil
+	}
+	return u
+}
+
+// filterAndSelf adds the session's own node, filter and SSH policy if they
+// changed.
+func (e *Engine) filterAndSelf(ss *sessState, d *update, filters bool) {
+	n := e.nodes[ss.s.NodeID]
+	if n == nil {
+		return
+	}
+	d.u.Self = e.selfChangeLocked(ss, n)
+	if !filters {
+		return
+	}
+	ce := e.classEncLocked(n.ID)
+	if !bytes.Equal(ce.filter, ss.filter) {
+		d.u.PacketFilters = map[string]json.RawMessage{"*": nil, "base": ce.filter}
+	}
+	ss.filter = ce.filter
+	if !bytes.Equal(ce.ssh, ss.ssh) {
+		d.u.SSHPolicy = ce.ssh
+	}
+	ss.ssh = ce.ssh
+}
+
+// selfChangeLocked returns the session's own node if what it would see of
+// itself changed, else nil.
+func (e *Engine) selfChangeLocked(ss *sessState, n *state.Node) json.RawMessage {
+	if n == nil || n == ss.self {
+		return nil
+	}
+	ss.self = n
+	b := e.selfJSONLocked(n)
+	if bytes.Equal(b, ss.selfJSON) {
+		return nil
+	}
+	ss.selfJSON = b
+	return b
+}
+
+// diffBatchLocked applies a batch without identity changes to one session:
+// joined nodes it may see, left nodes it saw, patches for changed peers,
+// and its own filter when membership changed the filter's sources. Cost:
+// one class lookup per changed node.
+func (e *Engine) diffBatchLocked(ss *sessState, b *batch, membership bool) *session.Update {
+	var d update
+	me := ss.s.NodeID
+	e.filterAndSelf(ss, &d, membership)
+	for _, id := range b.added {
+		if p, ok := e.compiled.PeerView(me, id); ok {
+			pn := e.nodes[id]
+			d.changed(e, pn, e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes))
+		}
+	}
+	for _, id := range b.removed {
+		if b.prevCompiled != nil {
+			if _, ok := b.prevCompiled.PeerView(me, id); ok {
+				d.removed(id)
+			}
+		}
+	}
+	for _, id := range b.soft {
+		if id == me {
+			continue
+		}
+		// No identity changed: visibility and allowed IPs are as before.
+		p, ok := e.compiled.PeerView(me, id)
+		if !ok {
+			continue
+		}
+		old, cur := b.prev[id], e.nodes[id]
+		d.peer(e, old, cur, e.peerJSON(old, p.AllowedIPs, p.PrimaryRoutes), e.peerJSON(cur, p.AllowedIPs, p.PrimaryRoutes))
+	}
+	return d.result()
+}
+
+// classViews caches each identity class's peer list under one compilation,
+// computed from a representative member, so a full diff costs O(nodes)
+// per class plus O(peers) per session, and no per-session state is kept.
+type classViews struct {
+	c    *policy.Compiled
+	reps map[int]uint64
+	list map[int][]policy.Peer
+}
+
+func newClassViews(c *policy.Compiled) *classViews {
+	return &classViews{c: c, reps: map[int]uint64{}, list: map[int][]policy.Peer{}}
+}
+
+// of returns the peers of node v (sorted by id). Members of a class see
+// the same peers except themselves: v's list is the representative's list
+// without v, plus the representative if v sees it.
+func (cv *classViews) of(v uint64) []policy.Peer {
+	if cv.c == nil {
+		return nil
+	}
+	cl := cv.c.ClassOf(v)
+	if cl < 0 {
+		return nil
+	}
+	rep, ok := cv.reps[cl]
+	if !ok {
+		rep = v
+		cv.reps[cl] = v
+		cv.list[cl] = cv.c.Peers(v)
+	}
+	l := cv.list[cl]
+	if rep == v {
+		return l
+	}
+	out := make([]policy.Peer, 0, len(l))
+	for _, p := range l {
+		if p.ID != v {
+			out = append(out, p)
+		}
+	}
+	if rp, ok := cv.c.PeerView(v, rep); ok {
+		i, _ := slices.BinarySearchFunc(out, rep, func(p policy.Peer, id uint64) int { return cmpID(p.ID, id) })
+		out = slices.Insert(out, i, rp)
+	}
+	return out
+}
+
+func cmpID(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// diffAllLocked diffs a session's whole view between the previous and the
+// new compilation: peers that appeared, disappeared or changed.
+func (e *Engine) diffAllLocked(ss *sessState, b *batch, oldV, newV *classViews) *session.Update {
+	var d update
+	me := ss.s.NodeID
+	e.filterAndSelf(ss, &d, true)
+	olds, news := oldV.of(me), newV.of(me)
+	i, j := 0, 0
+	for i < len(olds) || j < len(news) {
+		switch {
+		case j == len(news) || (i < len(olds) && olds[i].ID < news[j].ID):
+			d.removed(olds[i].ID)
+			i++
+		case i == len(olds) || news[j].ID < olds[i].ID:
+			pn := e.nodes[news[j].ID]
+			d.changed(e, pn, e.peerJSON(pn, news[j].AllowedIPs, news[j].PrimaryRoutes))
+			j++
+		default:
+			op, np := olds[i], news[j]
+			old, cur := e.oldNode(b, np.ID), e.nodes[np.ID]
+			d.peer(e, old, cur, e.peerJSON(old, op.AllowedIPs, op.PrimaryRoutes), e.peerJSON(cur, np.AllowedIPs, np.PrimaryRoutes))
+			i++
+			j++
+		}
+	}
+	return d.result()
+}
