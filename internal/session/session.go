@@ -139,9 +139,9 @@ type Session struct {
 	mu        sync.Mutex
 	pending   Update
 	awaitFull bool // nothing is sent until the full map is pushed
-	wake    chan struct{}
-	done    chan struct{}
-	once    sync.Once
+	wake      chan struct{}
+	done      chan struct{}
+	once      sync.Once
 }
 
 // New returns a session for a node; compress selects zstd.
