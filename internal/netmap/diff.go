@@ -35,17 +35,27 @@ func (d *update) removed(id uint64) {
 
 // peer records what the session must learn about a peer it saw as oldEnc
 // (of version old) and now sees as newEnc: nothing, a patch, or the node.
-func (d *update) peer(e *Engine, old, cur *state.Node, oldEnc, newEnc *encoded) {
+func (d *update) peer(e *Engine, b *batch, old, cur *state.Node, oldEnc, newEnc *encoded) {
 	switch {
 	case oldEnc == newEnc || bytes.Equal(oldEnc.full, newEnc.full):
 	case bytes.Equal(oldEnc.fingerprint, newEnc.fingerprint):
 		if d.u.Patches == nil {
 			d.u.Patches = map[uint64]*tailcfg.PeerChange{}
 		}
-		d.u.Patches[cur.ID] = patchFor(old, cur)
+		d.u.Patches[cur.ID] = b.patch(old, cur)
 	default:
 		d.changed(e, cur, newEnc)
 	}
+}
+
+// patch returns the patch from old to cur, shared within the batch.
+func (b *batch) patch(old, cur *state.Node) *tailcfg.PeerChange {
+	if p, ok := b.patches[cur.ID]; ok {
+		return p
+	}
+	p := patchFor(old, cur)
+	b.patches[cur.ID] = p
+	return p
 }
 
 // result returns the update, or nil when there is nothing to send.
@@ -133,7 +143,7 @@ func (e *Engine) diffBatchLocked(ss *sessState, b *batch, membership bool) *sess
 			continue
 		}
 		old, cur := b.prev[id], e.nodes[id]
-		d.peer(e, old, cur, e.peerJSON(old, p.AllowedIPs, p.PrimaryRoutes), e.peerJSON(cur, p.AllowedIPs, p.PrimaryRoutes))
+		d.peer(e, b, old, cur, e.peerJSON(old, p.AllowedIPs, p.PrimaryRoutes), e.peerJSON(cur, p.AllowedIPs, p.PrimaryRoutes))
 	}
 	return d.result()
 }
@@ -215,7 +225,7 @@ func (e *Engine) diffAllLocked(ss *sessState, b *batch, oldV, newV *classViews) 
 		default:
 			op, np := olds[i], news[j]
 			old, cur := e.oldNode(b, np.ID), e.nodes[np.ID]
-			d.peer(e, old, cur, e.peerJSON(old, op.AllowedIPs, op.PrimaryRoutes), e.peerJSON(cur, np.AllowedIPs, np.PrimaryRoutes))
+			d.peer(e, b, old, cur, e.peerJSON(old, op.AllowedIPs, op.PrimaryRoutes), e.peerJSON(cur, np.AllowedIPs, np.PrimaryRoutes))
 			i++
 			j++
 		}

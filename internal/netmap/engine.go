@@ -189,6 +189,15 @@ type batch struct {
 	// prevCompiled is the compilation sessions were in step with.
 	prevCompiled *policy.Compiled
 	full         bool
+	// patches caches each changed peer's patch: it depends only on the
+	// peer's old and new version, so every session shares it.
+	patches map[uint64]*tailcfg.PeerChange
+}
+
+// touches reports whether node id itself changed in the batch.
+func (b *batch) touches(id uint64) bool {
+	_, ok := b.prev[id]
+	return ok
 }
 
 // oldNode is the version of id sessions had before the batch.
@@ -218,7 +227,8 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		e.batchDone = make(chan struct{})
 	}()
 
-	b := &batch{prev: map[uint64]*state.Node{}, prevCompiled: e.compiled, full: policyChanged || usersChanged}
+	b := &batch{prev: map[uint64]*state.Node{}, prevCompiled: e.compiled, full: policyChanged || usersChanged,
+		patches: map[uint64]*tailcfg.PeerChange{}}
 	for id := range dirty {
 		cur := e.st.Node(id)
 		prev := e.nodes[id]
@@ -262,12 +272,29 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	if b.full {
 		oldViews, newViews = newClassViews(b.prevCompiled), newClassViews(e.compiled)
 	}
-	for _, ss := range e.sessions {
+	// In an incremental batch, sessions of one class whose own node did
+	// not change get the same delta: compute it once, and let them share
+	// its encoding and compression.
+	memo := map[classKey]*session.Update{}
+	for id, ss := range e.sessions {
 		var u *session.Update
-		if b.full {
+		switch {
+		case b.full:
 			u = e.diffAllLocked(ss, b, oldViews, newViews)
-		} else {
+		case b.touches(id):
 			u = e.diffBatchLocked(ss, b, membership)
+		default:
+			k := e.classKeyLocked(id)
+			var ok bool
+			if u, ok = memo[k]; ok {
+				e.filterAndSelf(ss, &update{}, membership) // keep ss in step
+			} else {
+				u = e.diffBatchLocked(ss, b, membership)
+				if u != nil {
+					u.Shared = new(session.Encoded)
+				}
+				memo[k] = u
+			}
 		}
 		if u != nil {
 			ss.s.Push(u)
@@ -326,11 +353,18 @@ func (e *Engine) recompileLocked() {
 	clear(e.classEnc)
 }
 
-func (e *Engine) classEncLocked(nodeID uint64) *classEnc {
+// classKeyLocked names what node shares its filter with: its class, or
+// itself when its filter names its own addresses.
+func (e *Engine) classKeyLocked(nodeID uint64) classKey {
 	cl := classKey{class: e.compiled.ClassOf(nodeID)}
 	if !e.compiled.FilterShared(nodeID) {
 		cl.node = nodeID
 	}
+	return cl
+}
+
+func (e *Engine) classEncLocked(nodeID uint64) *classEnc {
+	cl := e.classKeyLocked(nodeID)
 	ce := e.classEnc[cl]
 	if ce == nil {
 		filter := e.compiled.Filter(nodeID)

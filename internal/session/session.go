@@ -41,6 +41,27 @@ type Update struct {
 	SSHPolicy json.RawMessage
 	// UserProfiles adds or updates profiles.
 	UserProfiles map[uint64]json.RawMessage
+
+	// Shared, when set, caches this update's encoding for every session
+	// it was pushed to unchanged: sessions of one identity class usually
+	// receive the same delta, which is then encoded and compressed once.
+	Shared *Encoded
+}
+
+// Encoded is an update's message, built once on first use.
+type Encoded struct {
+	jsonOnce, zstdOnce sync.Once
+	json, zstd         []byte
+	err                error
+}
+
+func (e *Encoded) get(u *Update, compress bool) ([]byte, error) {
+	e.jsonOnce.Do(func() { e.json, e.err = Encode(u) })
+	if e.err != nil || !compress {
+		return e.json, e.err
+	}
+	e.zstdOnce.Do(func() { e.zstd = zstdframe.AppendEncode(nil, e.json, zstdframe.FastestCompression) })
+	return e.zstd, nil
 }
 
 func (u *Update) empty() bool {
@@ -136,8 +157,11 @@ type Session struct {
 	NodeID   uint64
 	compress bool
 
-	mu        sync.Mutex
-	pending   Update
+	mu      sync.Mutex
+	pending Update
+	// shared is set while pending is exactly one update that other
+	// sessions also received: pending's maps are then not ours to modify.
+	shared    *Update
 	awaitFull bool // nothing is sent until the full map is pushed
 	wake      chan struct{}
 	done      chan struct{}
@@ -153,10 +177,20 @@ func New(nodeID uint64, compress bool) *Session {
 // blocks, so the fan-out is never held up by a slow client.
 func (s *Session) Push(u *Update) {
 	s.mu.Lock()
-	if !s.pending.empty() {
-		metrics.QueueMerges.Inc()
+	switch {
+	case s.pending.empty() && s.shared == nil && u.Shared != nil:
+		s.shared = u
+	default:
+		if s.shared != nil {
+			// Copy the shared update before merging into it.
+			s.pending.merge(s.shared)
+			s.shared = nil
+		}
+		if !s.pending.empty() {
+			metrics.QueueMerges.Inc()
+		}
+		s.pending.merge(u)
 	}
-	s.pending.merge(u)
 	if u.Full != nil {
 		s.awaitFull = false
 	}
@@ -218,9 +252,19 @@ func (s *Session) Run(ctx context.Context, w Writer) error {
 				s.mu.Unlock()
 				continue
 			}
-			u := s.pending
-			s.pending = Update{}
+			u, shared := s.pending, s.shared
+			s.pending, s.shared = Update{}, nil
 			s.mu.Unlock()
+			if shared != nil {
+				msg, err := shared.Shared.get(shared, s.compress)
+				if err != nil {
+					return err
+				}
+				if err := s.writeEncoded(w, msg, "delta"); err != nil {
+					return err
+				}
+				break
+			}
 			if u.Full != nil {
 				if err := s.writeFrame(w, u.Full, "full"); err != nil {
 					return err
@@ -267,7 +311,15 @@ func WriteFrame(w io.Writer, msg []byte, compress bool) (int, error) {
 }
 
 func (s *Session) writeFrame(w Writer, msg []byte, kind string) error {
-	n, err := WriteFrame(w, msg, s.compress)
+	if s.compress {
+		msg = zstdframe.AppendEncode(nil, msg, zstdframe.FastestCompression)
+	}
+	return s.writeEncoded(w, msg, kind)
+}
+
+// writeEncoded writes an already compressed (if asked) message.
+func (s *Session) writeEncoded(w Writer, msg []byte, kind string) error {
+	n, err := WriteFrame(w, msg, false)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,147 @@
+package session
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	"tailscale.com/tailcfg"
+)
+
+// frames records written frames.
+type frames struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+	got chan struct{}
+}
+
+func newFrames() *frames { return &frames{got: make(chan struct{}, 100)} }
+
+func (f *frames) Write(b []byte) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.buf.Write(b)
+}
+
+func (f *frames) Flush() error {
+	f.got <- struct{}{}
+	return nil
+}
+
+// messages decodes every frame written so far (uncompressed sessions).
+func (f *frames) messages(t *testing.T) []tailcfg.MapResponse {
+	t.Helper()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r := bytes.NewReader(f.buf.Bytes())
+	var out []tailcfg.MapResponse
+	for {
+		var hdr [4]byte
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			return out
+		}
+		b := make([]byte, binary.LittleEndian.Uint32(hdr[:]))
+		io.ReadFull(r, b)
+		var m tailcfg.MapResponse
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatalf("bad frame %q: %v", b, err)
+		}
+		out = append(out, m)
+	}
+}
+
+func (f *frames) wait(t *testing.T, n int) {
+	t.Helper()
+	for range n {
+		select {
+		case <-f.got:
+		case <-time.After(5 * time.Second):
+			t.Fatal("timed out waiting for a frame")
+		}
+	}
+}
+
+func run(t *testing.T, s *Session) *frames {
+	f := newFrames()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Run(ctx, f); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return f
+}
+
+func peer(id uint64) json.RawMessage {
+	b, _ := json.Marshal(tailcfg.Node{ID: tailcfg.NodeID(id), Name: "p"})
+	return b
+}
+
+func TestFullMapGoesFirst(t *testing.T) {
+	s := New(1, false)
+	s.ExpectFull()
+	f := run(t, s)
+	s.Push(&Update{PeersChanged: map[uint64]json.RawMessage{7: peer(7)}})
+	time.Sleep(50 * time.Millisecond) // the writer must hold the delta back
+	s.Push(&Update{Full: []byte(`{"Domain":"full"}`)})
+	f.wait(t, 2)
+	ms := f.messages(t)
+	if len(ms) != 2 || ms[0].Domain != "full" || len(ms[1].PeersChanged) != 1 {
+		t.Fatalf("messages: %+v", ms)
+	}
+}
+
+func TestSlowClientUpdatesMergeIntoOne(t *testing.T) {
+	s := New(1, false)
+	for i := range uint64(1000) {
+		s.Push(&Update{PeersChanged: map[uint64]json.RawMessage{i: peer(i)}})
+	}
+	s.Push(&Update{PeersRemoved: map[uint64]struct{}{3: {}}})
+	s.Push(&Update{Online: map[uint64]bool{5: true}})
+	f := run(t, s)
+	f.wait(t, 1)
+	ms := f.messages(t)
+	if len(ms) != 1 {
+		t.Fatalf("%d messages, want 1 merged", len(ms))
+	}
+	m := ms[0]
+	if len(m.PeersChanged) != 999 || len(m.PeersRemoved) != 1 || !m.OnlineChange[5] {
+		t.Fatalf("merged: %d changed, removed %v, online %v", len(m.PeersChanged), m.PeersRemoved, m.OnlineChange)
+	}
+	for i := 1; i < len(m.PeersChanged); i++ {
+		if m.PeersChanged[i-1].ID >= m.PeersChanged[i].ID {
+			t.Fatal("peers not sorted by id")
+		}
+	}
+}
+
+func TestSharedUpdateEncodedOnceAndNotModified(t *testing.T) {
+	shared := &Update{PeersChanged: map[uint64]json.RawMessage{1: peer(1)}, Shared: new(Encoded)}
+	a, b := New(10, true), New(11, true)
+	b.Push(shared)
+	b.Push(&Update{PeersChanged: map[uint64]json.RawMessage{2: peer(2)}}) // merges: must copy
+	a.Push(shared)
+	fa, fb := run(t, a), run(t, b)
+	fa.wait(t, 1)
+	fb.wait(t, 1)
+	if len(shared.PeersChanged) != 1 {
+		t.Fatalf("shared update modified by a merge: %d peers", len(shared.PeersChanged))
+	}
+	if shared.Shared.zstd == nil {
+		t.Fatal("shared update was not encoded through its shared encoding")
+	}
+}
+
+func TestKeepAliveFrameIsValid(t *testing.T) {
+	var buf bytes.Buffer
+	if _, err := WriteFrame(&buf, keepAliveMsg, false); err != nil {
+		t.Fatal(err)
+	}
+	var m tailcfg.MapResponse
+	if err := json.Unmarshal(buf.Bytes()[4:], &m); err != nil || !m.KeepAlive {
+		t.Fatalf("keepalive: %v %+v", err, m)
+	}
+}
