@@ -16,7 +16,6 @@ import (
 
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/dnstype"
-	"tailscale.com/types/opt"
 
 	"github.com/tailplane/tailplane/internal/metrics"
 	"github.com/tailplane/tailplane/internal/policy"
@@ -68,6 +67,12 @@ type Engine struct {
 	derpJSON json.RawMessage
 	// batchDone is closed (and replaced) after every batch.
 	batchDone chan struct{}
+	batchNo   uint64
+	// chunks caches shared chunks of encoded peers for full maps, keyed
+	// by a hash of the encodings they hold.
+	chunks map[uint64][]*chunkEntry
+	// classPeers caches each class's peer list for the current compilation.
+	classPeers map[int][]policy.Peer
 }
 
 // classKey names a cached filter encoding: a class, or one node of a class
@@ -106,7 +111,8 @@ func New(opts Options) *Engine {
 		st: opts.State, static: opts.Static, log: log, window: opts.Window,
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
-		enc: map[*state.Node]*peerEnc{}, classEnc: map[classKey]*classEnc{}, batchDone: make(chan struct{}), sessions: map[uint64]*sessState{},
+		enc: map[*state.Node]*peerEnc{}, classEnc: map[classKey]*classEnc{}, batchDone: make(chan struct{}),
+		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -225,6 +231,8 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	defer func() {
 		close(e.batchDone)
 		e.batchDone = make(chan struct{})
+		e.batchNo++
+		e.sweepChunksLocked()
 	}()
 
 	b := &batch{prev: map[uint64]*state.Node{}, prevCompiled: e.compiled, full: policyChanged || usersChanged,
@@ -351,6 +359,7 @@ func (e *Engine) recompileLocked() {
 	}
 	e.compiled = c
 	clear(e.classEnc)
+	clear(e.classPeers)
 }
 
 // classKeyLocked names what node shares its filter with: its class, or
@@ -404,7 +413,7 @@ func (e *Engine) Attach(s *session.Session) bool {
 	parts := e.fullPartsLocked(ss, n)
 	metrics.Sessions.Set(float64(len(e.sessions)))
 	e.mu.Unlock()
-	s.Push(&session.Update{Full: parts.assemble()})
+	s.Push(&session.Update{Full: parts})
 	return true
 }
 
@@ -433,7 +442,7 @@ func (e *Engine) FullMap(nodeID uint64) ([]byte, bool) {
 	}
 	parts := e.fullPartsLocked(&sessState{}, n)
 	e.mu.Unlock()
-	return parts.assemble(), true
+	return session.JoinParts(parts, false), true
 }
 
 // catchUp waits until the fan-out has published a node that exists in
@@ -463,89 +472,6 @@ func (e *Engine) catchUp(nodeID uint64) {
 // catchUpTimeout bounds how long a first map request waits for its node
 // to be published.
 const catchUpTimeout = 30 * time.Second
-
-// fullParts are the pieces of a full map: shared encodings, referenced,
-// not copied.
-type fullParts struct {
-	self, derp, dns, filter, ssh []byte
-	peers                        [][]byte
-	profiles                     []tailcfg.UserProfile
-	domain                       string
-}
-
-// assemble builds the map message (fields as in tailcfg.MapResponse).
-func (p *fullParts) assemble() []byte {
-	size := len(p.self) + len(p.derp) + len(p.dns) + len(p.filter) + len(p.ssh) + 256
-	for _, b := range p.peers {
-		size += len(b) + 1
-	}
-	o := session.NewObj(make([]byte, 0, size))
-	o.Raw("Node", p.self)
-	o.Raw("DERPMap", p.derp)
-	o.RawList("Peers", p.peers)
-	o.Raw("DNSConfig", p.dns)
-	o.Value("Domain", p.domain)
-	o.Value("CollectServices", opt.False)
-	o.Raw("PacketFilters", append(append([]byte(`{"*":null,"base":`), p.filter...), '}'))
-	o.Value("UserProfiles", p.profiles)
-	o.Raw("SSHPolicy", p.ssh)
-	o.Value("ControlTime", time.Now().UTC())
-	return o.Bytes()
-}
-
-func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) *fullParts {
-	ce := e.classEncLocked(n.ID)
-	p := &fullParts{
-		self: e.selfJSONLocked(n), derp: e.derpJSON, dns: e.dnsJSON,
-		filter: ce.filter, ssh: ce.ssh, domain: e.static.BaseDomain,
-	}
-	ss.self, ss.selfJSON, ss.filter, ss.ssh = n, p.self, ce.filter, ce.ssh
-	prof := profileSet{}
-	prof.add(e, ownerID(n))
-	// Peers come from the compiler in id order; the protocol requires it.
-	peers := e.compiled.Peers(n.ID)
-	p.peers = make([][]byte, 0, len(peers))
-	for _, pv := range peers {
-		pn := e.nodes[pv.ID]
-		if pn == nil {
-			continue
-		}
-		p.peers = append(p.peers, e.peerJSON(pn, pv.AllowedIPs, pv.PrimaryRoutes).full)
-		prof.add(e, ownerID(pn))
-	}
-	p.profiles = prof.list
-	return p
-}
-
-// profileSet collects the user profiles a message must carry.
-type profileSet struct {
-	seen map[tailcfg.UserID]bool
-	list []tailcfg.UserProfile
-}
-
-func (ps *profileSet) add(e *Engine, uid tailcfg.UserID) {
-	if ps.seen[uid] {
-		return
-	}
-	if ps.seen == nil {
-		ps.seen = map[tailcfg.UserID]bool{}
-	}
-	ps.seen[uid] = true
-	if uid == TaggedUserID {
-		ps.list = append(ps.list, taggedProfile)
-	} else if u := e.users[uint64(uid)]; u != nil {
-		ps.list = append(ps.list, profileOf(u))
-	}
-}
-
-func (e *Engine) selfJSONLocked(n *state.Node) json.RawMessage {
-	tn := e.tailNode(n, peerFields{})
-	// Whether a node is online is news for its peers, not for itself.
-	tn.PrimaryRoutes, tn.Online, tn.LastSeen = nil, nil, nil
-	tn.CapMap = e.compiled.CapMap(n.ID)
-	b, _ := json.Marshal(tn)
-	return b
-}
 
 func resolver(addr string) *dnstype.Resolver { return &dnstype.Resolver{Addr: addr} }
 

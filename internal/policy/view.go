@@ -1,5 +1,10 @@
 package policy
 
+import (
+	"cmp"
+	"slices"
+)
+
 // This file holds the pair- and class-level views the netmap engine uses
 // to apply a change to connected sessions without recomputing every
 // session's whole peer list.
@@ -37,4 +42,25 @@ func (c *Compiled) FilterShared(nodeID uint64) bool {
 		}
 	}
 	return true
+}
+
+// ClassPeers returns every node that nodeID's class sees, as the class
+// sees it, sorted by node ID; unlike Peers it includes nodeID itself when
+// the class sees its own members. All members of a class get the same
+// list, so callers can share what they build from it and drop each
+// member's own entry.
+func (c *Compiled) ClassPeers(nodeID uint64) []Peer {
+	_, i, ok := c.node(nodeID)
+	if !ok {
+		return nil
+	}
+	cl := c.classes[c.classOf[i]]
+	var out []Peer
+	cl.visible.each(func(pci int) {
+		for _, pi := range c.classes[pci].members {
+			out = append(out, c.peerView(cl, pi))
+		}
+	})
+	slices.SortFunc(out, func(a, b Peer) int { return cmp.Compare(a.ID, b.ID) })
+	return out
 }

@@ -6,18 +6,34 @@ import "encoding/json"
 // appended as they are: encoding/json would re-validate and compact every
 // json.RawMessage, which profiles showed to be the largest cost of
 // building maps from cached encodings.
-type Obj struct{ b []byte }
+type Obj struct {
+	b      []byte
+	fields int
+}
 
 // NewObj starts an object in buf (reused when non-nil).
 func NewObj(buf []byte) *Obj { return &Obj{b: append(buf[:0], '{')} }
 
+// ContinueObj continues an object whose earlier part (fields, then an
+// open value closed by prefix) was written elsewhere: the next field is
+// preceded by a comma.
+func ContinueObj(prefix string) *Obj { return &Obj{b: []byte(prefix), fields: 1} }
+
 func (o *Obj) key(name string) {
-	if len(o.b) > 1 {
+	if o.fields > 0 {
 		o.b = append(o.b, ',')
 	}
+	o.fields++
 	o.b = append(o.b, '"')
 	o.b = append(o.b, name...)
 	o.b = append(o.b, '"', ':')
+}
+
+// Key writes a field name and returns the object so far, for a value the
+// caller writes itself (then continued with ContinueObj).
+func (o *Obj) Key(name string) []byte {
+	o.key(name)
+	return o.b
 }
 
 // Raw adds a pre-encoded value; an empty value is omitted.

@@ -24,7 +24,7 @@ import (
 // encodings are shared, pre-encoded bytes (DESIGN principle 4).
 type Update struct {
 	// Full is a complete first map message, sent before anything else.
-	Full []byte
+	Full []Part
 	// Self is the client's own node, encoded.
 	Self json.RawMessage
 	// PeersChanged holds added or changed peers by id.
@@ -266,7 +266,7 @@ func (s *Session) Run(ctx context.Context, w Writer) error {
 				break
 			}
 			if u.Full != nil {
-				if err := s.writeFrame(w, u.Full, "full"); err != nil {
+				if err := s.writeEncoded(w, JoinParts(u.Full, s.compress), "full"); err != nil {
 					return err
 				}
 				u.Full = nil

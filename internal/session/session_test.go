@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"tailscale.com/tailcfg"
+	"tailscale.com/util/zstdframe"
 )
 
 // frames records written frames.
@@ -86,7 +87,7 @@ func TestFullMapGoesFirst(t *testing.T) {
 	f := run(t, s)
 	s.Push(&Update{PeersChanged: map[uint64]json.RawMessage{7: peer(7)}})
 	time.Sleep(50 * time.Millisecond) // the writer must hold the delta back
-	s.Push(&Update{Full: []byte(`{"Domain":"full"}`)})
+	s.Push(&Update{Full: []Part{{Raw: []byte(`{"Domain":`)}, {Chunk: NewChunk([]byte(`"full"`))}, {Raw: []byte(`}`)}}})
 	f.wait(t, 2)
 	ms := f.messages(t)
 	if len(ms) != 2 || ms[0].Domain != "full" || len(ms[1].PeersChanged) != 1 {
@@ -143,5 +144,28 @@ func TestKeepAliveFrameIsValid(t *testing.T) {
 	var m tailcfg.MapResponse
 	if err := json.Unmarshal(buf.Bytes()[4:], &m); err != nil || !m.KeepAlive {
 		t.Fatalf("keepalive: %v %+v", err, m)
+	}
+}
+
+func TestFullMapPartsDecodeAsOneMessage(t *testing.T) {
+	chunk := NewChunk([]byte(`,{"ID":2},{"ID":3}`))
+	parts := []Part{{Raw: []byte(`{"Peers":[{"ID":1}`)}, {Chunk: chunk}, {Raw: []byte(`]}`)}}
+	for _, compress := range []bool{false, true} {
+		msg := JoinParts(parts, compress)
+		if compress {
+			var err error
+			if msg, err = zstdframe.AppendDecode(nil, msg); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var m tailcfg.MapResponse
+		if err := json.Unmarshal(msg, &m); err != nil || len(m.Peers) != 3 {
+			t.Fatalf("compress=%v: %v %s", compress, err, msg)
+		}
+	}
+	// The shared chunk was compressed once and is reused as is.
+	a, b := JoinParts(parts, true), JoinParts(parts, true)
+	if !bytes.Contains(a, chunk.compressed()) || !bytes.Equal(a, b) {
+		t.Fatal("chunk frame not spliced")
 	}
 }

@@ -1,0 +1,496 @@
+package netmap
+
+// Engine benchmarks (DESIGN "Measuring"): a node joining a 10,000-node
+// tailnet, a full map with 10,000 peers, and a policy edit fanned out to
+// 10,000 sessions, with the default policy and the generated 15,000-rule
+// one.
+//
+// Run them bounded, e.g.:
+//
+//	go test -run '^$' -bench . -benchmem -benchtime 3x ./internal/netmap/
+//
+// Setup (a temp SQLite store, users, keys, 10,000 registrations through
+// State.Register, the engine, attached sessions) is excluded from the
+// timings. Sessions are real session.Session values attached with
+// Engine.Attach; their writers are not running. Between timed iterations
+// every session is drained (see drain): a sentinel update is pushed and
+// Session.Run is run synchronously until it has written everything
+// pending, so pending updates never pile up and each session's delivery
+// can be checked exactly.
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+
+	"github.com/tailplane/tailplane/internal/policy/policygen"
+	"github.com/tailplane/tailplane/internal/session"
+	"github.com/tailplane/tailplane/internal/state"
+	"github.com/tailplane/tailplane/internal/store/sqlite"
+)
+
+var benchSessions = flag.Float64("netmap.sessions", 1.0, "fraction of benchmark nodes with an attached session")
+
+const benchNodes = 10000
+
+// benchNode is one node to register: its owner (index into the users)
+// and tags.
+type benchNode struct {
+	user   int
+	tags   []string
+	routes []netip.Prefix
+}
+
+// benchTailnet describes a fixture.
+type benchTailnet struct {
+	users  []string // names; emails are name@example.com
+	nodes  []benchNode
+	policy []byte // nil: the default allow-all policy
+}
+
+type benchFixture struct {
+	st       *state.State
+	e        *Engine
+	ids      []uint64 // registered node ids, in order of b.nodes
+	sessions map[uint64]*session.Session
+	keys     map[string]string // keyOf(user, tags) -> reusable key
+	users    []string
+}
+
+func keyOf(user int, tags []string) string { return fmt.Sprint(user, tags) }
+
+// newBenchFixture builds the tailnet in a fresh State over a temp SQLite
+// store and an engine with sessions attached for a fraction of the nodes.
+// Registrations and key creation run concurrently so the state's group
+// commit batches them (one fsync per batch, not per node).
+func newBenchFixture(b *testing.B, tn benchTailnet) *benchFixture {
+	b.Helper()
+	ctx := context.Background()
+	db, err := sqlite.Open(filepath.Join(b.TempDir(), "tp.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { db.Close() })
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	st, err := state.New(ctx, state.Options{
+		Store: db, Logger: quiet,
+		V4Prefix: netip.MustParsePrefix("100.64.0.0/10"),
+		V6Prefix: netip.MustParsePrefix("fd7a:115c:a1e0::/48"),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(st.Close)
+	// The policy goes first: autoApprovers apply at registration.
+	if tn.policy != nil {
+		if err := st.SetPolicy(ctx, tn.policy); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for _, u := range tn.users {
+		if _, err := st.CreateUser(ctx, u, u+"@example.com"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	f := &benchFixture{st: st, keys: map[string]string{}, users: tn.users, sessions: map[uint64]*session.Session{}}
+	type keyReq struct {
+		user int
+		tags []string
+	}
+	var reqs []keyReq
+	for _, n := range tn.nodes {
+		k := keyOf(n.user, n.tags)
+		if _, ok := f.keys[k]; !ok {
+			f.keys[k] = ""
+			reqs = append(reqs, keyReq{n.user, n.tags})
+		}
+	}
+	var mu sync.Mutex
+	parallel(len(reqs), func(i int) error {
+		r := reqs[i]
+		ks, err := st.CreateKeys(ctx, state.KeyParams{User: tn.users[r.user], Reusable: true, Tags: r.tags}, 1)
+		if err != nil {
+			return err
+		}
+		mu.Lock()
+		f.keys[keyOf(r.user, r.tags)] = ks[0].Key
+		mu.Unlock()
+		return nil
+	}, b)
+	f.ids = make([]uint64, len(tn.nodes))
+	parallel(len(tn.nodes), func(i int) error {
+		n := tn.nodes[i]
+		res, err := f.register(ctx, fmt.Sprintf("node%d", i), n)
+		if err != nil {
+			return err
+		}
+		f.ids[i] = res.ID
+		// Routes the autoApprovers did not approve (tagged routers).
+		if len(n.routes) > 0 && !slices.Equal(res.ApprovedRoutes, n.routes) {
+			_, err = st.ApproveRoutes(ctx, res.ID, n.routes)
+		}
+		return err
+	}, b)
+
+	f.e = New(Options{State: st, Logger: quiet, Static: Static{
+		DERPMap: &tailcfg.DERPMap{}, BaseDomain: "bench.example", MagicDNS: true,
+	}})
+	// The engine's Run is not started: benchmarks call process directly.
+	// Attach a fraction of the nodes, draining each full map at once so
+	// 10,000 multi-megabyte maps are never held together.
+	attach := int(float64(len(f.ids)) * *benchSessions)
+	for _, id := range f.ids[:attach] {
+		s := session.New(id, false)
+		if !f.e.Attach(s) {
+			b.Fatalf("attach %d failed", id)
+		}
+		f.sessions[id] = s
+		drain(s)
+	}
+	return f
+}
+
+func (f *benchFixture) register(ctx context.Context, hostname string, n benchNode) (*state.Node, error) {
+	res, err := f.st.Register(ctx, state.RegisterParams{
+		MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
+		AuthKey:  f.keys[keyOf(n.user, n.tags)],
+		Hostinfo: &tailcfg.Hostinfo{Hostname: hostname, OS: "linux", RoutableIPs: n.routes},
+	})
+	if err != nil {
+		return nil, err
+	}
+	return res.Node, nil
+}
+
+// parallel runs fn(0..n-1) on 64 workers: enough concurrent commits for
+// the group committer to batch them.
+func parallel(n int, fn func(i int) error, b *testing.B) {
+	b.Helper()
+	var wg sync.WaitGroup
+	var once sync.Once
+	var first error
+	next := make(chan int)
+	for range 64 {
+		wg.Go(func() {
+			for i := range next {
+				if err := fn(i); err != nil {
+					once.Do(func() { first = err })
+				}
+			}
+		})
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	if first != nil {
+		b.Fatal(first)
+	}
+}
+
+// sentinelID is a node id no tailnet here reaches; its OnlineChange marks
+// the end of a drain.
+const sentinelID = 1 << 62
+
+var sentinelFrame = func() []byte {
+	msg, err := session.Encode(&session.Update{Online: map[uint64]bool{sentinelID: true}})
+	if err != nil {
+		panic(err)
+	}
+	var w bytes.Buffer
+	if _, err := session.WriteFrame(&w, msg, false); err != nil {
+		panic(err)
+	}
+	return w.Bytes()
+}()
+
+// drainWriter stops its session's Run after the first flush and records
+// whether anything other than the sentinel was written.
+type drainWriter struct {
+	cancel   context.CancelFunc
+	buf      []byte
+	overflow bool
+	got      bool
+}
+
+func (w *drainWriter) Write(p []byte) (int, error) {
+	if len(w.buf)+len(p) > len(sentinelFrame) {
+		w.overflow = true
+	} else {
+		w.buf = append(w.buf, p...)
+	}
+	return len(p), nil
+}
+
+func (w *drainWriter) Flush() error {
+	if w.overflow || !bytes.Equal(w.buf, sentinelFrame) {
+		w.got = true
+	}
+	w.buf, w.overflow = w.buf[:0], false
+	w.cancel()
+	return nil
+}
+
+// drain delivers everything pending on s and reports whether there was
+// anything. It pushes a sentinel (so there is always something to write)
+// and runs the session's writer synchronously: with a live context and an
+// open session the writer's first wait can only end on the wake, it
+// writes the pending update (a full map first, if any), and the flush
+// cancels the context so Run returns. Deterministic, no goroutines.
+func drain(s *session.Session) bool {
+	s.Push(&session.Update{Online: map[uint64]bool{sentinelID: true}})
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &drainWriter{cancel: cancel}
+	s.Run(ctx, w)
+	cancel()
+	return w.got
+}
+
+// drainAll drains every session and returns the ids that received
+// something.
+func (f *benchFixture) drainAll() map[uint64]bool {
+	got := map[uint64]bool{}
+	for id, s := range f.sessions {
+		if drain(s) {
+			got[id] = true
+		}
+	}
+	return got
+}
+
+// defaultTailnet: 100 users with 99-100 nodes each, and 20 tag:ops nodes
+// (owned by user0).
+func defaultTailnet(policy []byte) benchTailnet {
+	tn := benchTailnet{policy: policy}
+	for u := range 100 {
+		tn.users = append(tn.users, fmt.Sprintf("user%d", u))
+	}
+	for i := range benchNodes {
+		n := benchNode{user: i % 100}
+		if i%500 == 7 {
+			n = benchNode{user: 0, tags: []string{"tag:ops"}}
+		}
+		tn.nodes = append(tn.nodes, n)
+	}
+	return tn
+}
+
+// scopedPolicy lets users reach each other, and only tag:ops reach
+// tag:secret: a tag:secret node is visible to the 20 ops nodes alone.
+var scopedPolicy = []byte(`{
+  "tagOwners": {"tag:ops": ["user0@example.com"], "tag:secret": ["user0@example.com"]},
+  "acls": [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]},
+    {"action": "accept", "src": ["tag:ops"], "dst": ["tag:secret:22"]}
+  ]
+}`)
+
+// generatedTailnet maps policygen's users and nodes (tags, owners,
+// routers) onto registrations: user i is policygen's user i+1.
+func generatedTailnet() (benchTailnet, []byte) {
+	pol, users, nodes := policygen.Generate(policygen.Default())
+	tn := benchTailnet{policy: pol}
+	for _, u := range users {
+		tn.users = append(tn.users, u.Name)
+	}
+	for _, n := range nodes {
+		bn := benchNode{tags: n.Tags, routes: n.ApprovedRoutes}
+		if len(n.Tags) > 0 {
+			// Tagged nodes are registered with a tagged key of some user;
+			// the owner does not matter to the policy.
+			bn.user = 0
+			// Keys carry sorted tags, as Register stores them.
+			bn.tags = slices.Clone(n.Tags)
+			slices.Sort(bn.tags)
+			bn.tags = slices.Compact(bn.tags)
+		} else {
+			bn.user = int(n.UserID - 1)
+		}
+		tn.nodes = append(tn.nodes, bn)
+	}
+	return tn, pol
+}
+
+func BenchmarkAddNodeTo10k(b *testing.B) {
+	gen, _ := generatedTailnet()
+	cases := []struct {
+		name   string
+		tn     benchTailnet
+		joiner benchNode
+		// viewers are the fixture nodes expected to see the joiner (nil:
+		// every session).
+		viewers func(tn benchTailnet) []int
+	}{
+		{name: "policy=allow-all", tn: defaultTailnet(nil), joiner: benchNode{user: 1}},
+		{name: "policy=scoped-tag", tn: defaultTailnet(scopedPolicy),
+			joiner: benchNode{user: 0, tags: []string{"tag:secret"}},
+			viewers: func(tn benchTailnet) []int {
+				var out []int
+				for i, n := range tn.nodes {
+					if slices.Contains(n.tags, "tag:ops") {
+						out = append(out, i)
+					}
+				}
+				return out
+			}},
+		// A user node joining the 15,000-rule tailnet: no assertion on
+		// receivers (the policy decides), only the cost.
+		{name: "policy=generated-15k", tn: gen, joiner: benchNode{user: 1}},
+	}
+	for _, tc := range cases {
+		b.Run(tc.name, func(b *testing.B) {
+			f := newBenchFixture(b, tc.tn)
+			if _, ok := f.keys[keyOf(tc.joiner.user, tc.joiner.tags)]; !ok {
+				ks, err := f.st.CreateKeys(context.Background(), state.KeyParams{User: f.users[tc.joiner.user], Reusable: true, Tags: tc.joiner.tags}, 1)
+				if err != nil {
+					b.Fatal(err)
+				}
+				f.keys[keyOf(tc.joiner.user, tc.joiner.tags)] = ks[0].Key
+			}
+			var want map[uint64]bool
+			if tc.viewers != nil {
+				want = map[uint64]bool{}
+				for _, i := range tc.viewers(tc.tn) {
+					if f.sessions[f.ids[i]] != nil {
+						want[f.ids[i]] = true
+					}
+				}
+			}
+			ctx := context.Background()
+			hi := &tailcfg.Hostinfo{Hostname: "joiner", OS: "linux"}
+			params := func() state.RegisterParams {
+				return state.RegisterParams{MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
+					AuthKey: f.keys[keyOf(tc.joiner.user, tc.joiner.tags)], Hostinfo: hi}
+			}
+			p := params()
+			checked := false
+			var updated int
+			b.ReportAllocs()
+			for b.Loop() {
+				res, err := f.st.Register(ctx, p)
+				if err != nil {
+					b.Fatal(err)
+				}
+				id := res.Node.ID
+				f.e.process(map[uint64]struct{}{id: {}}, false, false)
+
+				b.StopTimer()
+				got := f.drainAll()
+				updated = len(got)
+				if !checked {
+					checkReceivers(b, "join", got, want, len(f.sessions))
+				}
+				// Leave the tailnet at 10,000 nodes for the next round.
+				if err := f.st.DeleteNode(ctx, id); err != nil {
+					b.Fatal(err)
+				}
+				f.e.process(map[uint64]struct{}{id: {}}, false, false)
+				got = f.drainAll()
+				if !checked {
+					checkReceivers(b, "leave", got, want, len(f.sessions))
+					checked = true
+				}
+				p = params()
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(updated), "sessions-updated")
+		})
+	}
+}
+
+// checkReceivers asserts that exactly the sessions in want (all, when
+// want is nil) received an update.
+func checkReceivers(b *testing.B, what string, got, want map[uint64]bool, sessions int) {
+	b.Helper()
+	if want == nil {
+		if len(got) != sessions {
+			b.Fatalf("%s: %d of %d sessions received an update, want all", what, len(got), sessions)
+		}
+		return
+	}
+	for id := range got {
+		if !want[id] {
+			b.Errorf("%s: session %d received an update but cannot see the node", what, id)
+		}
+	}
+	for id := range want {
+		if !got[id] {
+			b.Errorf("%s: session %d sees the node but received nothing", what, id)
+		}
+	}
+	if b.Failed() {
+		b.FailNow()
+	}
+	b.Logf("%s: %d of %d sessions updated, as expected", what, len(got), sessions)
+}
+
+func BenchmarkFullMap10kPeers(b *testing.B) {
+	f := newBenchFixture(b, defaultTailnet(nil))
+	id := f.ids[len(f.ids)/2]
+	m, ok := f.e.FullMap(id)
+	if !ok {
+		b.Fatal("no map")
+	}
+	if got := len(f.e.compiled.Peers(id)); got != benchNodes-1 {
+		b.Fatalf("node has %d peers, want %d", got, benchNodes-1)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		m, _ = f.e.FullMap(id)
+	}
+	b.ReportMetric(float64(len(m)), "map-bytes")
+}
+
+func BenchmarkPolicyEditFanout(b *testing.B) {
+	gen, genPol := generatedTailnet()
+	genEdited := bytes.Replace(genPol, []byte(`"proto":"udp"`), []byte(`"proto":"tcp"`), 1)
+	if bytes.Equal(genEdited, genPol) {
+		b.Fatal("edit did not apply")
+	}
+	allowAll := []byte(`{"tagOwners": {"tag:ops": ["user0@example.com"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}`)
+	allowAllEdited := []byte(`{"tagOwners": {"tag:ops": ["user0@example.com"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]},
+           {"action": "accept", "src": ["autogroup:member"], "dst": ["tag:ops:22"], "proto": "tcp"}]}`)
+	cases := []struct {
+		name       string
+		tn         benchTailnet
+		base, edit []byte
+	}{
+		{"policy=allow-all+1rule", defaultTailnet(allowAll), allowAll, allowAllEdited},
+		{"policy=generated-15k", gen, genPol, genEdited},
+	}
+	for _, tc := range cases {
+		b.Run(tc.name, func(b *testing.B) {
+			f := newBenchFixture(b, tc.tn)
+			ctx := context.Background()
+			texts := [2][]byte{tc.edit, tc.base}
+			var updated int
+			i := 0
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := f.st.SetPolicy(ctx, texts[i%2]); err != nil {
+					b.Fatal(err)
+				}
+				f.e.process(nil, true, false)
+				b.StopTimer()
+				updated = len(f.drainAll())
+				i++
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(updated), "sessions-updated")
+		})
+	}
+}

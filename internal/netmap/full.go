@@ -1,0 +1,184 @@
+package netmap
+
+import (
+	"encoding/json"
+	"time"
+	"unsafe"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/opt"
+
+	"github.com/tailplane/tailplane/internal/policy"
+	"github.com/tailplane/tailplane/internal/session"
+	"github.com/tailplane/tailplane/internal/state"
+)
+
+// chunkSpan is the node-ID range one shared chunk of peers covers. Ranges
+// are by ID, not position, so a join (a new, higher ID) or a change to one
+// node leaves the other chunks as they were.
+const chunkSpan = 256
+
+// chunkEntry is a cached chunk: the peer encodings it holds, in order.
+type chunkEntry struct {
+	encs  []*encoded
+	chunk *session.Chunk
+	used  uint64 // batch number of last use
+}
+
+// chunkTTL is how many batches an unused chunk stays cached.
+const chunkTTL = 8
+
+// chunkLocked returns the shared chunk holding exactly encs (each with a
+// leading comma), building it on first request. Two classes that see the
+// same peers the same way share it too.
+func (e *Engine) chunkLocked(encs []*encoded) *session.Chunk {
+	var h uint64 = 14695981039346656037
+	for _, x := range encs {
+		h ^= uint64(uintptr(unsafe.Pointer(x)))
+		h *= 1099511628211
+	}
+	for _, ce := range e.chunks[h] {
+		if equalEncs(ce.encs, encs) {
+			ce.used = e.batchNo
+			return ce.chunk
+		}
+	}
+	size := 0
+	for _, x := range encs {
+		size += len(x.full) + 1
+	}
+	b := make([]byte, 0, size)
+	for _, x := range encs {
+		b = append(b, ',')
+		b = append(b, x.full...)
+	}
+	ce := &chunkEntry{encs: encs, chunk: session.NewChunk(b), used: e.batchNo}
+	e.chunks[h] = append(e.chunks[h], ce)
+	return ce.chunk
+}
+
+func equalEncs(a, b []*encoded) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// sweepChunksLocked drops chunks not used for chunkTTL batches.
+func (e *Engine) sweepChunksLocked() {
+	for h, list := range e.chunks {
+		keep := list[:0]
+		for _, ce := range list {
+			if e.batchNo-ce.used <= chunkTTL {
+				keep = append(keep, ce)
+			}
+		}
+		if len(keep) == 0 {
+			delete(e.chunks, h)
+		} else {
+			e.chunks[h] = keep
+		}
+	}
+}
+
+// fullPartsLocked builds a session's full map as parts: its own header
+// (self node, first peer), shared chunks of further peers, and a trailer.
+// It records what the session was sent.
+func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
+	ce := e.classEncLocked(n.ID)
+	self := e.selfJSONLocked(n)
+	ss.self, ss.selfJSON, ss.filter, ss.ssh = n, self, ce.filter, ce.ssh
+	prof := profileSet{}
+	prof.add(e, ownerID(n))
+
+	// The class's peer list, shared by its members, minus this node.
+	var peers []policy.Peer
+	for _, p := range e.classPeersLocked(n.ID) {
+		if p.ID != n.ID && e.nodes[p.ID] != nil {
+			peers = append(peers, p)
+		}
+	}
+	head := session.NewObj(nil)
+	head.Raw("Node", self)
+	head.Raw("DERPMap", e.derpJSON)
+	var parts []session.Part
+	if len(peers) > 0 {
+		first := e.nodes[peers[0].ID]
+		prof.add(e, ownerID(first))
+		hb := append(head.Key("Peers"), '[')
+		hb = append(hb, e.peerJSON(first, peers[0].AllowedIPs, peers[0].PrimaryRoutes).full...)
+		parts = append(parts, session.Part{Raw: hb})
+		rest := peers[1:]
+		for len(rest) > 0 {
+			span := rest[0].ID / chunkSpan
+			k := 0
+			for k < len(rest) && rest[k].ID/chunkSpan == span {
+				k++
+			}
+			encs := make([]*encoded, k)
+			for i, p := range rest[:k] {
+				pn := e.nodes[p.ID]
+				encs[i] = e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes)
+				prof.add(e, ownerID(pn))
+			}
+			parts = append(parts, session.Part{Chunk: e.chunkLocked(encs)})
+			rest = rest[k:]
+		}
+		head = session.ContinueObj("]")
+	}
+	head.Raw("DNSConfig", e.dnsJSON)
+	head.Value("Domain", e.static.BaseDomain)
+	head.Value("CollectServices", opt.False)
+	head.Raw("PacketFilters", append(append([]byte(`{"*":null,"base":`), ce.filter...), '}'))
+	head.Value("UserProfiles", prof.list)
+	head.Raw("SSHPolicy", ce.ssh)
+	head.Value("ControlTime", time.Now().UTC())
+	return append(parts, session.Part{Raw: head.Bytes()})
+}
+
+// classPeersLocked returns a node's class peer list, computed once per
+// class per compilation.
+func (e *Engine) classPeersLocked(nodeID uint64) []policy.Peer {
+	cl := e.compiled.ClassOf(nodeID)
+	if l, ok := e.classPeers[cl]; ok {
+		return l
+	}
+	l := e.compiled.ClassPeers(nodeID)
+	e.classPeers[cl] = l
+	return l
+}
+
+// profileSet collects the user profiles a message must carry.
+type profileSet struct {
+	seen map[tailcfg.UserID]bool
+	list []tailcfg.UserProfile
+}
+
+func (ps *profileSet) add(e *Engine, uid tailcfg.UserID) {
+	if ps.seen[uid] {
+		return
+	}
+	if ps.seen == nil {
+		ps.seen = map[tailcfg.UserID]bool{}
+	}
+	ps.seen[uid] = true
+	if uid == TaggedUserID {
+		ps.list = append(ps.list, taggedProfile)
+	} else if u := e.users[uint64(uid)]; u != nil {
+		ps.list = append(ps.list, profileOf(u))
+	}
+}
+
+func (e *Engine) selfJSONLocked(n *state.Node) json.RawMessage {
+	tn := e.tailNode(n, peerFields{})
+	// Whether a node is online is news for its peers, not for itself.
+	tn.PrimaryRoutes, tn.Online, tn.LastSeen = nil, nil, nil
+	tn.CapMap = e.compiled.CapMap(n.ID)
+	b, _ := json.Marshal(tn)
+	return b
+}
