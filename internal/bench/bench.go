@@ -86,6 +86,17 @@ type Options struct {
 	// an otherwise empty tailnet).
 	ExpectedPeers func(i int) int
 
+	// Expect, if non-nil, is called once after every client has joined or
+	// failed (before the hold and any reconnect storm) and returns the
+	// expected peer counts; it replaces ExpectedPeers. It is for
+	// expectations that depend on what the server did during the join,
+	// such as the addresses it assigned, which a policy's IP and host
+	// selectors match. An observer that already had its expected peers
+	// counts as converged from the moment it got them. If Expect fails, the
+	// error is counted (kinds starting with "expect_") and no observer
+	// converges.
+	Expect func(ctx context.Context) (func(i int) int, error)
+
 	// Timeout bounds the whole run, including waiting for convergence.
 	// Zero means 10 minutes. A run that times out still returns a Result.
 	Timeout time.Duration
@@ -237,9 +248,10 @@ type runner struct {
 	sem     chan struct{} // bounds joins and reconnects in flight
 	start   time.Time     // when the first client began to join
 
-	stopping atomic.Bool
-	joinWG   sync.WaitGroup // join attempts
-	streamWG sync.WaitGroup // stream reader goroutines
+	stopping     atomic.Bool
+	expectFailed atomic.Bool    // Options.Expect failed: no observer can converge
+	joinWG       sync.WaitGroup // join attempts
+	streamWG     sync.WaitGroup // stream reader goroutines
 
 	// Counters read by the progress reporter while the run is going.
 	joined     atomic.Int64 // join attempts finished, successful or not
@@ -307,11 +319,14 @@ func newRunner(opts Options, t *target, keys []string) *runner {
 	for j := range opts.Observers {
 		i := j * n / opts.Observers
 		expected := n - 1
-		if opts.ExpectedPeers != nil {
+		switch {
+		case opts.Expect != nil:
+			expected = -1 // known after the join phase
+		case opts.ExpectedPeers != nil:
 			expected = opts.ExpectedPeers(i)
 		}
 		slot := r.conv.add(i, expected)
-		r.clients[i].obs = newObserver(slot, expected, &r.conv, &r.errs)
+		r.clients[i].obs = newObserver(slot, &r.conv, &r.errs)
 	}
 	return r
 }
@@ -346,6 +361,7 @@ func (r *runner) run(parent context.Context) *Result {
 	if last := r.lastJoinEvent.Load(); last > 0 {
 		res.RegistrationsPerSecond = float64(r.registered.Load()) / time.Unix(0, last).Sub(r.start).Seconds()
 	}
+	r.applyExpect()
 
 	if r.opts.ReconnectAt > 0 && r.sleepUntil(joinedAt.Add(r.opts.ReconnectAt)) {
 		res.Convergence = r.convergenceSince(r.start)
@@ -374,6 +390,22 @@ func (r *runner) run(parent context.Context) *Result {
 
 	r.fillResult(res)
 	return res
+}
+
+// applyExpect asks Options.Expect for the observers' expected peer counts.
+func (r *runner) applyExpect() {
+	if r.opts.Expect == nil || r.ctx.Err() != nil {
+		return
+	}
+	expected, err := r.opts.Expect(r.ctx)
+	if err != nil {
+		r.fail("expect", err)
+		r.expectFailed.Store(true)
+		return
+	}
+	for slot, c := range r.conv.clients() {
+		r.conv.setExpected(slot, expected(c))
+	}
 }
 
 // noteJoinEvent records that a registration or reconnect completed at t.
@@ -447,7 +479,7 @@ func (r *runner) waitHold(holdEnd time.Time) {
 	// the observers, this only decides when to stop.
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
-	for !r.conv.settled() {
+	for !r.expectFailed.Load() && !r.conv.settled() {
 		select {
 		case <-tick.C:
 		case <-r.ctx.Done():

@@ -249,3 +249,61 @@ func TestLatencyOf(t *testing.T) {
 		t.Errorf("latencyOf = %+v, want %+v", got, want)
 	}
 }
+
+// Expectations known only after the join (Options.Expect) are applied to
+// observers that already have their peers, with the instant they got them.
+func TestExpectAfterJoin(t *testing.T) {
+	_, url := startControl(t)
+	var calledAt time.Time
+	res := run(t, Options{
+		ServerURL: url,
+		N:         8,
+		AuthKey:   testAuthKey,
+		Observers: 2,
+		// Never consulted: Expect replaces it.
+		ExpectedPeers: func(int) int { return 100 },
+		Expect: func(ctx context.Context) (func(int) int, error) {
+			time.Sleep(300 * time.Millisecond) // every observer has its peers by now
+			calledAt = time.Now()
+			return func(int) int { return 7 }, nil
+		},
+		Hold:    100 * time.Millisecond,
+		Timeout: 20 * time.Second,
+	})
+	if res.ErrorCount != 0 {
+		t.Errorf("errors: %v %v", res.Errors, res.ErrorExamples)
+	}
+	c := res.Convergence
+	if !c.Converged {
+		t.Fatalf("not converged: %+v", c)
+	}
+	for _, o := range c.Observers {
+		if o.Expected != 7 || o.Peers != 7 || !o.Converged {
+			t.Errorf("observer %+v: want 7 of 7 peers", o)
+		}
+	}
+	if at := res.StartedAt.Add(time.Duration(c.Seconds * float64(time.Second))); !at.Before(calledAt) {
+		t.Errorf("convergence recorded at %v, after Expect returned at %v: want the instant the peers arrived", at, calledAt)
+	}
+}
+
+func TestExpectFailure(t *testing.T) {
+	_, url := startControl(t)
+	res := run(t, Options{
+		ServerURL: url,
+		N:         3,
+		AuthKey:   testAuthKey,
+		Observers: 1,
+		Expect: func(ctx context.Context) (func(int) int, error) {
+			return nil, errors.New("no policy")
+		},
+		Hold:    100 * time.Millisecond,
+		Timeout: 20 * time.Second,
+	})
+	if res.TimedOut || res.Convergence.Converged || res.Errors["expect_error:no policy"] != 1 {
+		t.Errorf("timed out %v, convergence %+v, errors %v", res.TimedOut, res.Convergence, res.Errors)
+	}
+	if o := res.Convergence.Observers[0]; o.Expected != -1 || o.Peers != 2 {
+		t.Errorf("observer %+v: want expected -1 (unknown) and 2 peers", o)
+	}
+}

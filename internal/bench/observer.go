@@ -26,24 +26,21 @@ var errDecode = errors.New("undecodable map message")
 // goroutine touches it; what others need to see goes to the shared
 // convergence state.
 type observer struct {
-	slot     int // index into convergence.obs
-	expected int
-	peers    map[tailcfg.NodeID]bool // peer -> online
-	conv     *convergence
-	errs     *errorCounts
+	slot  int                     // index into convergence.obs
+	peers map[tailcfg.NodeID]bool // peer -> online
+	conv  *convergence
+	errs  *errorCounts
 
-	converged bool
-	buf, dec  []byte              // reused message and decompression buffers
-	resp      tailcfg.MapResponse // reused to decode into
+	buf, dec []byte              // reused message and decompression buffers
+	resp     tailcfg.MapResponse // reused to decode into
 }
 
-func newObserver(slot, expected int, conv *convergence, errs *errorCounts) *observer {
+func newObserver(slot int, conv *convergence, errs *errorCounts) *observer {
 	return &observer{
-		slot:     slot,
-		expected: expected,
-		peers:    make(map[tailcfg.NodeID]bool),
-		conv:     conv,
-		errs:     errs,
+		slot:  slot,
+		peers: make(map[tailcfg.NodeID]bool),
+		conv:  conv,
+		errs:  errs,
 	}
 }
 
@@ -51,9 +48,8 @@ func newObserver(slot, expected int, conv *convergence, errs *errorCounts) *obse
 // message carries the full set again.
 func (o *observer) resetStream(now time.Time) {
 	clear(o.peers)
-	o.converged = false
 	o.conv.update(o.slot, now, func(s *ObserverResult) {
-		s.Peers, s.Online, s.Converged = 0, 0, false
+		s.Peers, s.Online, s.synced = 0, 0, false
 	})
 }
 
@@ -119,7 +115,6 @@ func (o *observer) apply(m *tailcfg.MapResponse, decoded int, now time.Time) {
 			}
 		}
 	}
-	o.converged = len(o.peers) == o.expected
 	online := 0
 	for _, on := range o.peers {
 		if on {
@@ -135,11 +130,7 @@ func (o *observer) apply(m *tailcfg.MapResponse, decoded int, now time.Time) {
 		case full:
 			s.FullMaps++
 		}
-		s.Peers, s.Online = len(o.peers), online
-		if o.converged && !s.Converged {
-			s.convergedAt = now
-		}
-		s.Converged = o.converged
+		s.Peers, s.Online, s.synced = len(o.peers), online, true
 	})
 }
 
@@ -151,6 +142,8 @@ type convergence struct {
 	allAt     time.Time // when converged last became len(obs); zero if not all now
 }
 
+// add registers an observer of client; expected < 0 means its expected
+// peer count is not known yet (see setExpected).
 func (c *convergence) add(client, expected int) int {
 	c.obs = append(c.obs, ObserverResult{Client: client, Expected: expected})
 	return len(c.obs) - 1
@@ -162,13 +155,54 @@ func (c *convergence) update(slot int, now time.Time, f func(*ObserverResult)) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := &c.obs[slot]
-	was := s.Converged
+	peers, synced := s.Peers, s.synced
 	f(s)
+	if s.Peers != peers || s.synced != synced {
+		s.peersAt = now
+	}
+	c.recheckLocked(s)
+}
+
+// clients returns the client index of every observer slot.
+func (c *convergence) clients() []int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]int, len(c.obs))
+	for i, s := range c.obs {
+		out[i] = s.Client
+	}
+	return out
+}
+
+// setExpected sets observer slot's expected peer count, for expectations
+// known only after the clients joined (Options.Expect). An observer that
+// already has that many peers converged when it got them, not now.
+func (c *convergence) setExpected(slot, expected int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := &c.obs[slot]
+	s.Expected = expected
+	c.recheckLocked(s)
+}
+
+// recheckLocked recomputes s.Converged. An observer has converged when its
+// stream delivered at least one message and its peer set has the expected
+// size; it did so when its peer count last changed. All observers have
+// converged at the latest of their instants.
+func (c *convergence) recheckLocked(s *ObserverResult) {
+	was := s.Converged
+	s.Converged = s.synced && s.Expected >= 0 && s.Peers == s.Expected
 	switch {
 	case s.Converged && !was:
+		s.convergedAt = s.peersAt
 		c.converged++
 		if c.converged == len(c.obs) {
-			c.allAt = now
+			c.allAt = time.Time{}
+			for _, o := range c.obs {
+				if o.convergedAt.After(c.allAt) {
+					c.allAt = o.convergedAt
+				}
+			}
 		}
 	case !s.Converged && was:
 		c.converged--

@@ -90,6 +90,8 @@ type ObserverResult struct {
 	DecodedBytes     int64   `json:"decoded_bytes"` // JSON after zstd
 
 	convergedAt time.Time
+	peersAt     time.Time // when Peers or synced last changed
+	synced      bool      // the current stream delivered a message
 }
 
 // ReconnectResult describes the reconnect storm (Options.ReconnectAt).
