@@ -26,13 +26,21 @@ import (
 )
 
 type testServer struct {
-	url string
-	st  *state.State
+	url  string
+	st   *state.State
+	stop func()
 }
 
 func newTestServer(t *testing.T) *testServer {
 	t.Helper()
-	db, err := sqlite.Open(filepath.Join(t.TempDir(), "tp.db"))
+	return newTestServerAt(t, filepath.Join(t.TempDir(), "tp.db"), key.NewMachine())
+}
+
+// newTestServerAt runs a server over the database at path, as after a
+// restart when the path already holds a tailnet.
+func newTestServerAt(t *testing.T, path string, noise key.MachinePrivate) *testServer {
+	t.Helper()
+	db, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,16 +53,18 @@ func newTestServer(t *testing.T) *testServer {
 	ctx, cancel := context.WithCancel(context.Background())
 	eng := netmap.New(netmap.Options{State: st, Static: netmap.Static{BaseDomain: "ts.test", DERPMap: &tailcfg.DERPMap{}}, Window: 2 * time.Millisecond})
 	go eng.Run(ctx)
-	srv := New(Options{State: st, Engine: eng, NoiseKey: key.NewMachine(), EphemeralTimeout: time.Second})
+	srv := New(Options{State: st, Engine: eng, NoiseKey: noise, EphemeralTimeout: time.Second})
 	hs := httptest.NewServer(srv)
-	t.Cleanup(func() {
+	ts := &testServer{url: hs.URL, st: st}
+	ts.stop = func() {
 		hs.CloseClientConnections()
 		hs.Close()
 		cancel()
 		st.Close()
 		db.Close()
-	})
-	return &testServer{url: hs.URL, st: st}
+	}
+	t.Cleanup(ts.stop)
+	return ts
 }
 
 func (ts *testServer) key(t *testing.T, reusable bool) string {
@@ -87,6 +97,19 @@ func join(t *testing.T, ts *testServer, authKey, host string) *testclient.Client
 	return c
 }
 
+// fullMap reads a stream's full map.
+func fullMap(t *testing.T, s *testclient.Stream) *tailcfg.MapResponse {
+	t.Helper()
+	full, err := s.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(full.Peers) > 0 && full.Peers[0].Online == nil {
+		t.Errorf("full map peers carry no presence")
+	}
+	return full
+}
+
 func peerNames(peers []*tailcfg.Node) []string {
 	var out []string
 	for _, p := range peers {
@@ -106,10 +129,7 @@ func TestFullMapThenDeltas(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sa.Close()
-	full, err := sa.Next(5 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	full := fullMap(t, sa)
 	if full.Node == nil || full.Node.Name != "a.ts.test." || len(full.Node.Addresses) != 2 {
 		t.Fatalf("self node: %+v", full.Node)
 	}
@@ -128,15 +148,16 @@ func TestFullMapThenDeltas(t *testing.T) {
 	if got := peerNames(d.PeersChanged); !slices.Equal(got, []string{"c"}) || len(d.Peers) != 0 {
 		t.Fatalf("join delta = %+v, want PeersChanged [c] only", d)
 	}
+	if on := d.PeersChanged[0].Online; on == nil || *on {
+		t.Fatalf("join delta lacks c's presence (offline): %v", on)
+	}
 
 	// c goes online: a receives a patch, not a whole node.
 	sc, err := c.Map(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := sc.Next(5 * time.Second); err != nil {
-		t.Fatal(err)
-	}
+	fullMap(t, sc)
 	d, err = sa.Next(5 * time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -307,10 +328,7 @@ func TestPolicyChangeSendsDeltas(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sa.Close()
-	full, err := sa.Next(5 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	full := fullMap(t, sa)
 	if len(full.Peers) != 1 {
 		t.Fatalf("full map peers: %v", peerNames(full.Peers))
 	}
@@ -342,5 +360,94 @@ func TestPolicyChangeSendsDeltas(t *testing.T) {
 	}
 	if _, err := sa.Next(300 * time.Millisecond); err == nil {
 		t.Fatal("a refused policy produced a map message")
+	}
+}
+
+// After a restart, clients that reconnect (each sending its endpoints,
+// then opening its stream, all at once) each learn that the others are
+// online.
+func TestPresenceAfterRestart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "tp.db")
+	noise := key.NewMachine()
+	ts := newTestServerAt(t, path, noise)
+	k := ts.key(t, true)
+	var cs []*testclient.Client
+	for _, h := range []string{"a", "b", "c"} {
+		cs = append(cs, join(t, ts, k, h))
+	}
+	ts.stop()
+
+	ts2 := newTestServerAt(t, path, noise)
+	ctx := context.Background()
+	type result struct {
+		online map[tailcfg.NodeID]bool
+		err    error
+	}
+	results := make(chan result, len(cs))
+	start := time.Now()
+	for i, c := range cs {
+		go func() {
+			c.URL = ts2.url
+			if err := c.Dial(ctx); err != nil {
+				results <- result{err: err}
+				return
+			}
+			lite, _ := json.Marshal(tailcfg.MapRequest{
+				Version: tailcfg.CurrentCapabilityVersion, NodeKey: c.Node.Public(), OmitPeers: true,
+				Endpoints: []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(41000+i))},
+				Hostinfo:  &tailcfg.Hostinfo{Hostname: "x"},
+			})
+			if code, _, err := c.Post(ctx, "/machine/map", lite); err != nil || code != 200 {
+				results <- result{err: fmt.Errorf("lite update: %d %v", code, err)}
+				return
+			}
+			s, err := c.Map(ctx)
+			if err != nil {
+				results <- result{err: err}
+				return
+			}
+			defer s.Close()
+			online := map[tailcfg.NodeID]bool{}
+			// Every stream stays open until the same deadline: a client
+			// that left early would rightly be seen offline by the others.
+			deadline := start.Add(3 * time.Second)
+			for time.Now().Before(deadline) {
+				m, err := s.Next(time.Until(deadline))
+				if err != nil {
+					break
+				}
+				for _, p := range m.Peers {
+					online[p.ID] = p.Online != nil && *p.Online
+				}
+				for _, p := range m.PeersChanged {
+					if _, ok := online[p.ID]; ok && p.Online != nil {
+						online[p.ID] = *p.Online
+					}
+				}
+				// Like tailscaled: presence of unknown nodes (itself) is ignored.
+				for id, on := range m.OnlineChange {
+					if _, ok := online[id]; ok {
+						online[id] = on
+					}
+				}
+				for _, p := range m.PeersChangedPatch {
+					if _, ok := online[p.NodeID]; ok && p.Online != nil {
+						online[p.NodeID] = *p.Online
+					}
+				}
+			}
+			results <- result{online: online}
+		}()
+	}
+	for range cs {
+		r := <-results
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		for id, on := range r.online {
+			if !on {
+				t.Errorf("a client sees peer %v offline: %v", id, r.online)
+			}
+		}
 	}
 }

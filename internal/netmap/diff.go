@@ -3,7 +3,6 @@ package netmap
 import (
 	"bytes"
 	"encoding/json"
-	"slices"
 
 	"tailscale.com/tailcfg"
 
@@ -161,16 +160,25 @@ func newClassViews(c *policy.Compiled) *classViews {
 	return &classViews{c: c, reps: map[int]uint64{}, list: map[int][]policy.Peer{}}
 }
 
-// of returns the peers of node v (sorted by id). Members of a class see
-// the same peers except themselves: v's list is the representative's list
-// without v, plus the representative if v sees it.
-func (cv *classViews) of(v uint64) []policy.Peer {
+// cursor walks node v's peer list (sorted by id) without building it:
+// members of a class see the same peers except themselves, so v's list is
+// the class representative's list without v, plus the representative if v
+// sees it. A full diff over 10,000 sessions used to copy that list per
+// session: about 11 GB per policy edit at 10,000 nodes.
+type cursor struct {
+	l    []policy.Peer
+	i    int
+	skip uint64
+	ins  *policy.Peer // the representative, inserted in id order
+}
+
+func (cv *classViews) cursor(v uint64) *cursor {
 	if cv.c == nil {
-		return nil
+		return &cursor{}
 	}
 	cl := cv.c.ClassOf(v)
 	if cl < 0 {
-		return nil
+		return &cursor{}
 	}
 	rep, ok := cv.reps[cl]
 	if !ok {
@@ -178,31 +186,37 @@ func (cv *classViews) of(v uint64) []policy.Peer {
 		cv.reps[cl] = v
 		cv.list[cl] = cv.c.Peers(v)
 	}
-	l := cv.list[cl]
-	if rep == v {
-		return l
-	}
-	out := make([]policy.Peer, 0, len(l))
-	for _, p := range l {
-		if p.ID != v {
-			out = append(out, p)
+	c := &cursor{l: cv.list[cl]}
+	if rep != v {
+		c.skip = v
+		if rp, ok := cv.c.PeerView(v, rep); ok {
+			c.ins = &rp
 		}
 	}
-	if rp, ok := cv.c.PeerView(v, rep); ok {
-		i, _ := slices.BinarySearchFunc(out, rep, func(p policy.Peer, id uint64) int { return cmpID(p.ID, id) })
-		out = slices.Insert(out, i, rp)
-	}
-	return out
+	return c
 }
 
-func cmpID(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
+// peek returns the next peer without consuming it.
+func (c *cursor) peek() (policy.Peer, bool) {
+	for c.i < len(c.l) && c.l[c.i].ID == c.skip {
+		c.i++
 	}
-	return 0
+	if c.ins != nil && (c.i == len(c.l) || c.ins.ID < c.l[c.i].ID) {
+		return *c.ins, true
+	}
+	if c.i < len(c.l) {
+		return c.l[c.i], true
+	}
+	return policy.Peer{}, false
+}
+
+// next consumes the peer peek returned.
+func (c *cursor) next() {
+	if c.ins != nil && (c.i == len(c.l) || c.ins.ID < c.l[c.i].ID) {
+		c.ins = nil
+		return
+	}
+	c.i++
 }
 
 // diffAllLocked diffs a session's whole view between the previous and the
@@ -211,24 +225,25 @@ func (e *Engine) diffAllLocked(ss *sessState, b *batch, oldV, newV *classViews) 
 	var d update
 	me := ss.s.NodeID
 	e.filterAndSelf(ss, &d, true)
-	olds, news := oldV.of(me), newV.of(me)
-	i, j := 0, 0
-	for i < len(olds) || j < len(news) {
+	olds, news := oldV.cursor(me), newV.cursor(me)
+	for {
+		op, okOld := olds.peek()
+		np, okNew := news.peek()
 		switch {
-		case j == len(news) || (i < len(olds) && olds[i].ID < news[j].ID):
-			d.removed(olds[i].ID)
-			i++
-		case i == len(olds) || news[j].ID < olds[i].ID:
-			pn := e.nodes[news[j].ID]
-			d.changed(e, pn, e.peerJSON(pn, news[j].AllowedIPs, news[j].PrimaryRoutes))
-			j++
+		case !okOld && !okNew:
+			return d.result()
+		case !okNew || (okOld && op.ID < np.ID):
+			d.removed(op.ID)
+			olds.next()
+		case !okOld || np.ID < op.ID:
+			pn := e.nodes[np.ID]
+			d.changed(e, pn, e.peerJSON(pn, np.AllowedIPs, np.PrimaryRoutes))
+			news.next()
 		default:
-			op, np := olds[i], news[j]
 			old, cur := e.oldNode(b, np.ID), e.nodes[np.ID]
 			d.peer(e, b, old, cur, e.peerJSON(old, op.AllowedIPs, op.PrimaryRoutes), e.peerJSON(cur, np.AllowedIPs, np.PrimaryRoutes))
-			i++
-			j++
+			olds.next()
+			news.next()
 		}
 	}
-	return d.result()
 }
