@@ -73,6 +73,10 @@ type Engine struct {
 	chunks map[uint64][]*chunkEntry
 	// classPeers caches each class's peer list for the current compilation.
 	classPeers map[int][]policy.Peer
+	// filterShared caches FilterShared per class for the current compilation.
+	filterShared map[int]bool
+	// filterEnc encodes filters, caching shared source lists per compilation.
+	filterEnc *filterEncoder
 }
 
 // classKey names a cached filter encoding: a class, or one node of a class
@@ -112,7 +116,7 @@ func New(opts Options) *Engine {
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
 		enc: map[*state.Node]*peerEnc{}, classEnc: map[classKey]*classEnc{}, batchDone: make(chan struct{}),
-		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, sessions: map[uint64]*sessState{},
+		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, filterShared: map[int]bool{}, filterEnc: newFilterEncoder(), sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -283,7 +287,11 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	// In an incremental batch, sessions of one class whose own node did
 	// not change get the same delta: compute it once, and let them share
 	// its encoding and compression.
-	memo := map[classKey]*session.Update{}
+	type memoEntry struct {
+		u  *session.Update
+		ce *classEnc
+	}
+	memo := map[classKey]memoEntry{}
 	for id, ss := range e.sessions {
 		var u *session.Update
 		switch {
@@ -293,15 +301,23 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 			u = e.diffBatchLocked(ss, b, membership)
 		default:
 			k := e.classKeyLocked(id)
-			var ok bool
-			if u, ok = memo[k]; ok {
-				e.filterAndSelf(ss, &update{}, membership) // keep ss in step
+			if m, ok := memo[k]; ok {
+				// Sessions of one class hold the same filter, so the
+				// first one's comparison stands for all.
+				u = m.u
+				if m.ce != nil {
+					ss.filter, ss.ssh = m.ce.filter, m.ce.ssh
+				}
 			} else {
 				u = e.diffBatchLocked(ss, b, membership)
 				if u != nil {
 					u.Shared = new(session.Encoded)
 				}
-				memo[k] = u
+				var ce *classEnc
+				if membership {
+					ce = e.classEnc[k]
+				}
+				memo[k] = memoEntry{u: u, ce: ce}
 			}
 		}
 		if u != nil {
@@ -360,13 +376,21 @@ func (e *Engine) recompileLocked() {
 	e.compiled = c
 	clear(e.classEnc)
 	clear(e.classPeers)
+	clear(e.filterShared)
+	e.filterEnc = newFilterEncoder()
 }
 
 // classKeyLocked names what node shares its filter with: its class, or
 // itself when its filter names its own addresses.
 func (e *Engine) classKeyLocked(nodeID uint64) classKey {
 	cl := classKey{class: e.compiled.ClassOf(nodeID)}
-	if !e.compiled.FilterShared(nodeID) {
+	shared, ok := e.filterShared[cl.class]
+	if !ok {
+		// FilterShared scans the class's rules: once per class.
+		shared = e.compiled.FilterShared(nodeID)
+		e.filterShared[cl.class] = shared
+	}
+	if !shared {
 		cl.node = nodeID
 	}
 	return cl
@@ -376,12 +400,7 @@ func (e *Engine) classEncLocked(nodeID uint64) *classEnc {
 	cl := e.classKeyLocked(nodeID)
 	ce := e.classEnc[cl]
 	if ce == nil {
-		filter := e.compiled.Filter(nodeID)
-		if filter == nil {
-			filter = []tailcfg.FilterRule{}
-		}
-		ce = &classEnc{}
-		ce.filter, _ = json.Marshal(filter)
+		ce = &classEnc{filter: e.filterEnc.encode(e.compiled.Filter(nodeID))}
 		ssh := e.compiled.SSHPolicy(nodeID)
 		if ssh == nil {
 			ssh = &tailcfg.SSHPolicy{}
