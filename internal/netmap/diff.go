@@ -147,6 +147,38 @@ func (e *Engine) diffBatchLocked(ss *sessState, b *batch, membership bool) *sess
 	return d.result()
 }
 
+// sameView reports whether node v's class sees exactly the same peers,
+// the same way, under the previous and the new compilation. It is decided
+// once per pair of classes, so a policy edit that changes a few classes'
+// views does not walk every session's peer list.
+func (b *batch) sameView(v uint64) bool {
+	if b.prevCompiled == nil || b.newCompiled == nil {
+		return false
+	}
+	k := [2]int{b.prevCompiled.ClassOf(v), b.newCompiled.ClassOf(v)}
+	if k[0] < 0 || k[1] < 0 {
+		return false
+	}
+	same, ok := b.same[k]
+	if !ok {
+		same = equalPeerLists(b.prevCompiled.ClassPeers(v), b.newCompiled.ClassPeers(v))
+		b.same[k] = same
+	}
+	return same
+}
+
+func equalPeerLists(a, c []policy.Peer) bool {
+	if len(a) != len(c) {
+		return false
+	}
+	for i := range a {
+		if a[i].ID != c[i].ID || !equalPrefixes(a[i].AllowedIPs, c[i].AllowedIPs) || !equalPrefixes(a[i].PrimaryRoutes, c[i].PrimaryRoutes) {
+			return false
+		}
+	}
+	return true
+}
+
 // classViews caches each identity class's peer list under one compilation,
 // computed from a representative member, so a full diff costs O(nodes)
 // per class plus O(peers) per session, and no per-session state is kept.
@@ -225,6 +257,11 @@ func (e *Engine) diffAllLocked(ss *sessState, b *batch, oldV, newV *classViews) 
 	var d update
 	me := ss.s.NodeID
 	e.filterAndSelf(ss, &d, true)
+	if len(b.prev) == 0 && b.sameView(me) {
+		// A policy or user change that left this class's view as it was:
+		// only the filter and SSH policy can differ.
+		return d.result()
+	}
 	olds, news := oldV.cursor(me), newV.cursor(me)
 	for {
 		op, okOld := olds.peek()

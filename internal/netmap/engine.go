@@ -202,6 +202,10 @@ type batch struct {
 	// patches caches each changed peer's patch: it depends only on the
 	// peer's old and new version, so every session shares it.
 	patches map[uint64]*tailcfg.PeerChange
+	// newCompiled is the compilation after the batch; same caches
+	// sameView per (previous class, new class).
+	newCompiled *policy.Compiled
+	same        map[[2]int]bool
 }
 
 // touches reports whether node id itself changed in the batch.
@@ -280,6 +284,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	if b.full || membership {
 		e.recompileLocked()
 	}
+	b.newCompiled, b.same = e.compiled, map[[2]int]bool{}
 	var oldViews, newViews *classViews
 	if b.full {
 		oldViews, newViews = newClassViews(b.prevCompiled), newClassViews(e.compiled)
