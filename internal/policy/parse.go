@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -123,7 +124,10 @@ func Parse(src []byte) (*Policy, error) {
 }
 
 func (p *Policy) load(raw *rawPolicy) error {
-	for name, members := range raw.Groups {
+	// Sections are walked in name order so that a policy with several
+	// errors is always refused with the same one.
+	for _, name := range slices.Sorted(maps.Keys(raw.Groups)) {
+		members := raw.Groups[name]
 		if !strings.HasPrefix(name, "group:") || len(name) == len("group:") {
 			return fmt.Errorf("groups: %q: group names must start with \"group:\"", name)
 		}
@@ -140,7 +144,8 @@ func (p *Policy) load(raw *rawPolicy) error {
 		}
 		p.groups[name] = logins
 	}
-	for name, v := range raw.Hosts {
+	for _, name := range slices.Sorted(maps.Keys(raw.Hosts)) {
+		v := raw.Hosts[name]
 		if name == "" || strings.ContainsAny(name, ":@*") || strings.HasPrefix(name, "tag") && strings.Contains(name, ":") {
 			return fmt.Errorf("hosts: %q is not a valid host name", name)
 		}
@@ -150,7 +155,7 @@ func (p *Policy) load(raw *rawPolicy) error {
 		}
 		p.hosts[name] = ps
 	}
-	for tag := range raw.TagOwners {
+	for _, tag := range slices.Sorted(maps.Keys(raw.TagOwners)) {
 		if !strings.HasPrefix(tag, "tag:") || len(tag) == len("tag:") {
 			return fmt.Errorf("tagOwners: %q: tag names must start with \"tag:\"", tag)
 		}
