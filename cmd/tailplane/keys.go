@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -33,27 +34,23 @@ they disconnect. Nodes of a key with --tags are owned by those tags.`,
 				return fmt.Errorf("--user is required")
 			}
 			req.Tags = tags
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			keys, err := c.CreateKeys(ctx, req)
-			if err != nil {
-				return err
-			}
-			var out any = keys[0]
-			if req.Count > 1 {
-				out = keys
-			}
-			return printOut(g, out, func(w io.Writer) {
-				for _, k := range keys {
-					fmt.Fprintln(w, k.Key)
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				keys, err := c.CreateKeys(ctx, req)
+				if err != nil {
+					return err
 				}
-				if req.Count <= 1 {
-					fmt.Fprintln(os.Stderr, "This key is shown only once. Use it with: tailscale up --login-server=URL --authkey=KEY")
+				var out any = keys[0]
+				if req.Count > 1 {
+					out = keys
 				}
+				return printOut(g, out, func(w io.Writer) {
+					for _, k := range keys {
+						fmt.Fprintln(w, k.Key)
+					}
+					if req.Count <= 1 {
+						fmt.Fprintln(os.Stderr, "This key is shown only once. Use it with: tailscale up --login-server=URL --authkey=KEY")
+					}
+				})
 			})
 		},
 	}
@@ -68,48 +65,40 @@ they disconnect. Nodes of a key with --tags are owned by those tags.`,
 	list := &cobra.Command{
 		Use: "list", Short: "List pre-auth keys (without their secrets)", Args: cobra.NoArgs,
 		RunE: func(_ *cobra.Command, _ []string) error {
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			keys, err := c.Keys(ctx)
-			if err != nil {
-				return err
-			}
-			return printOut(g, keys, func(w io.Writer) {
-				fmt.Fprintln(w, "ID\tUSER\tREUSABLE\tEPHEMERAL\tTAGS\tEXPIRES\tSTATE")
-				for _, k := range keys {
-					st := "valid"
-					switch {
-					case k.Revoked:
-						st = "expired (revoked)"
-					case k.Used && !k.Reusable:
-						st = "used"
-					case !k.Valid:
-						st = "expired"
-					}
-					fmt.Fprintf(w, "%s\t%s\t%v\t%v\t%s\t%s\t%s\n", k.ID, k.User, k.Reusable, k.Ephemeral,
-						strsOrDash(k.Tags), fmtTime(k.Expiration), st)
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				keys, err := c.Keys(ctx)
+				if err != nil {
+					return err
 				}
+				return printOut(g, keys, func(w io.Writer) {
+					fmt.Fprintln(w, "ID\tUSER\tREUSABLE\tEPHEMERAL\tTAGS\tEXPIRES\tSTATE")
+					for _, k := range keys {
+						st := "valid"
+						switch {
+						case k.Revoked:
+							st = "expired (revoked)"
+						case k.Used && !k.Reusable:
+							st = "used"
+						case !k.Valid:
+							st = "expired"
+						}
+						fmt.Fprintf(w, "%s\t%s\t%v\t%v\t%s\t%s\t%s\n", k.ID, k.User, k.Reusable, k.Ephemeral,
+							strsOrDash(k.Tags), fmtTime(k.Expiration), st)
+					}
+				})
 			})
 		},
 	}
 	expire := &cobra.Command{
 		Use: "expire ID", Short: "Expire a pre-auth key now (nodes it admitted stay)", Args: cobra.ExactArgs(1),
 		RunE: func(_ *cobra.Command, args []string) error {
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			if err := c.ExpireKey(ctx, args[0]); err != nil {
-				return err
-			}
-			id := strings.TrimPrefix(args[0], "tpkey-auth-")
-			return printOut(g, map[string]string{"expired": id}, func(w io.Writer) { fmt.Fprintf(w, "expired key %s\n", id) })
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				if err := c.ExpireKey(ctx, args[0]); err != nil {
+					return err
+				}
+				id := strings.TrimPrefix(args[0], "tpkey-auth-")
+				return printOut(g, map[string]string{"expired": id}, func(w io.Writer) { fmt.Fprintf(w, "expired key %s\n", id) })
+			})
 		},
 	}
 	cmd.AddCommand(create, list, expire)

@@ -48,17 +48,13 @@ func nodeCommand(g *globals, use, short string, args int, fn func(ctx context.Co
 			if err != nil {
 				return err
 			}
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			n, err := fn(ctx, c, id, a[1:])
-			if err != nil {
-				return err
-			}
-			return printNodes(g, []admin.Node{*n})
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				n, err := fn(ctx, c, id, a[1:])
+				if err != nil {
+					return err
+				}
+				return printNodes(g, []admin.Node{*n})
+			})
 		},
 	}
 }
@@ -68,17 +64,13 @@ func newNodesCmd(g *globals) *cobra.Command {
 	list := &cobra.Command{
 		Use: "list", Short: "List nodes", Args: cobra.NoArgs,
 		RunE: func(_ *cobra.Command, _ []string) error {
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			nodes, err := c.Nodes(ctx)
-			if err != nil {
-				return err
-			}
-			return printNodes(g, nodes)
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				nodes, err := c.Nodes(ctx)
+				if err != nil {
+					return err
+				}
+				return printNodes(g, nodes)
+			})
 		},
 	}
 	del := &cobra.Command{
@@ -88,16 +80,12 @@ func newNodesCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			if err := c.DeleteNode(ctx, id); err != nil {
-				return err
-			}
-			return printOut(g, map[string]uint64{"deleted": id}, func(w io.Writer) { fmt.Fprintf(w, "deleted node %d\n", id) })
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				if err := c.DeleteNode(ctx, id); err != nil {
+					return err
+				}
+				return printOut(g, map[string]uint64{"deleted": id}, func(w io.Writer) { fmt.Fprintf(w, "deleted node %d\n", id) })
+			})
 		},
 	}
 	expire := nodeCommand(g, "expire ID", "Expire a node's key now: the client must log in again", 1,
@@ -116,17 +104,13 @@ func newNodesCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			n, err := c.TagNode(ctx, id, a[1:])
-			if err != nil {
-				return err
-			}
-			return printNodes(g, []admin.Node{*n})
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				n, err := c.TagNode(ctx, id, a[1:])
+				if err != nil {
+					return err
+				}
+				return printNodes(g, []admin.Node{*n})
+			})
 		},
 	}
 	cmd.AddCommand(list, del, expire, rename, tag)
@@ -138,27 +122,23 @@ func newRoutesCmd(g *globals) *cobra.Command {
 	list := &cobra.Command{
 		Use: "list", Short: "List advertised and approved routes per node", Args: cobra.NoArgs,
 		RunE: func(_ *cobra.Command, _ []string) error {
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			nodes, err := c.Nodes(ctx)
-			if err != nil {
-				return err
-			}
-			var withRoutes []admin.Node
-			for _, n := range nodes {
-				if len(n.AdvertisedRoutes) > 0 || len(n.ApprovedRoutes) > 0 {
-					withRoutes = append(withRoutes, n)
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				nodes, err := c.Nodes(ctx)
+				if err != nil {
+					return err
 				}
-			}
-			return printOut(g, withRoutes, func(w io.Writer) {
-				fmt.Fprintln(w, "ID\tNAME\tADVERTISED\tAPPROVED")
-				for _, n := range withRoutes {
-					fmt.Fprintf(w, "%d\t%s\t%s\t%s\n", n.ID, n.Name, joinOrDash(n.AdvertisedRoutes), joinOrDash(n.ApprovedRoutes))
+				var withRoutes []admin.Node
+				for _, n := range nodes {
+					if len(n.AdvertisedRoutes) > 0 || len(n.ApprovedRoutes) > 0 {
+						withRoutes = append(withRoutes, n)
+					}
 				}
+				return printOut(g, withRoutes, func(w io.Writer) {
+					fmt.Fprintln(w, "ID\tNAME\tADVERTISED\tAPPROVED")
+					for _, n := range withRoutes {
+						fmt.Fprintf(w, "%d\t%s\t%s\t%s\n", n.ID, n.Name, joinOrDash(n.AdvertisedRoutes), joinOrDash(n.ApprovedRoutes))
+					}
+				})
 			})
 		},
 	}
@@ -183,17 +163,13 @@ by the policy's autoApprovers are approved without this command.`,
 				}
 				routes = append(routes, p)
 			}
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			n, err := c.ApproveRoutes(ctx, id, admin.RoutesRequest{Routes: routes})
-			if err != nil {
-				return err
-			}
-			return printNodes(g, []admin.Node{*n})
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				n, err := c.ApproveRoutes(ctx, id, admin.RoutesRequest{Routes: routes})
+				if err != nil {
+					return err
+				}
+				return printNodes(g, []admin.Node{*n})
+			})
 		},
 	}
 	cmd.AddCommand(list, approve)

@@ -22,8 +22,16 @@ func adminClient(g *globals) (*admin.Client, error) {
 	return admin.NewClient(cfg.AdminSocket()), nil
 }
 
-func cmdContext() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), 5*time.Minute)
+// adminCall runs fn with a client for the server of the data directory in
+// g, bounded in time.
+func adminCall(g *globals, fn func(ctx context.Context, c *admin.Client) error) error {
+	c, err := adminClient(g)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	return fn(ctx, c)
 }
 
 // printOut writes v as JSON, or calls table for people.

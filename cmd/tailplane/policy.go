@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/tailplane/tailplane/internal/admin"
 
 	"github.com/tailplane/tailplane/internal/policy/simulate"
 )
@@ -22,27 +25,23 @@ func newPolicyCmd(g *globals) *cobra.Command {
 	get := &cobra.Command{
 		Use: "get", Short: "Print the active policy", Args: cobra.NoArgs,
 		RunE: func(_ *cobra.Command, _ []string) error {
-			c, err := adminClient(g)
-			if err != nil {
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				p, err := c.Policy(ctx)
+				if err != nil {
+					return err
+				}
+				if g.output == "json" {
+					return printOut(g, p, nil)
+				}
+				if p.Source == "default" {
+					fmt.Fprintln(os.Stderr, "no policy set: every node may reach every node (set one with 'tailplane policy set FILE')")
+					return nil
+				}
+				// The text as stored, byte for byte (not through the table
+				// writer, which would expand its tabs).
+				_, err = io.WriteString(os.Stdout, p.Text)
 				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			p, err := c.Policy(ctx)
-			if err != nil {
-				return err
-			}
-			if g.output == "json" {
-				return printOut(g, p, nil)
-			}
-			if p.Source == "default" {
-				fmt.Fprintln(os.Stderr, "no policy set: every node may reach every node (set one with 'tailplane policy set FILE')")
-				return nil
-			}
-			// The text as stored, byte for byte (not through the table
-			// writer, which would expand its tabs).
-			_, err = io.WriteString(os.Stdout, p.Text)
-			return err
+			})
 		},
 	}
 	set := &cobra.Command{
@@ -58,17 +57,13 @@ policy stays in force.`,
 			if err != nil {
 				return err
 			}
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			if err := c.SetPolicy(ctx, text); err != nil {
-				return err
-			}
-			return printOut(g, map[string]any{"applied": true, "bytes": len(text)}, func(w io.Writer) {
-				fmt.Fprintf(w, "policy applied (%d bytes)\n", len(text))
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				if err := c.SetPolicy(ctx, text); err != nil {
+					return err
+				}
+				return printOut(g, map[string]any{"applied": true, "bytes": len(text)}, func(w io.Writer) {
+					fmt.Fprintf(w, "policy applied (%d bytes)\n", len(text))
+				})
 			})
 		},
 	}
@@ -81,16 +76,12 @@ policy stays in force.`,
 			if err != nil {
 				return err
 			}
-			c, err := adminClient(g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := cmdContext()
-			defer cancel()
-			if err := c.CheckPolicy(ctx, text); err != nil {
-				return err
-			}
-			return printOut(g, map[string]any{"valid": true}, func(w io.Writer) { fmt.Fprintln(w, "policy is valid and its tests pass") })
+			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
+				if err := c.CheckPolicy(ctx, text); err != nil {
+					return err
+				}
+				return printOut(g, map[string]any{"valid": true}, func(w io.Writer) { fmt.Fprintln(w, "policy is valid and its tests pass") })
+			})
 		},
 	}
 	sim := &cobra.Command{

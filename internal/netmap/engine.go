@@ -164,10 +164,17 @@ const maxWindow = 500 * time.Millisecond
 // Run processes change batches until ctx ends.
 func (e *Engine) Run(ctx context.Context) {
 	window := e.window
+	sweep := time.NewTicker(chunkIdleTTL)
+	defer sweep.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-sweep.C:
+			e.mu.Lock()
+			e.sweepChunksLocked()
+			e.mu.Unlock()
+			continue
 		case <-e.wake:
 		}
 		// Coalesce: let the rest of a burst arrive, then take it all. When

@@ -20,13 +20,19 @@ const chunkSpan = 256
 
 // chunkEntry is a cached chunk: the peer encodings it holds, in order.
 type chunkEntry struct {
-	encs  []*encoded
-	chunk *session.Chunk
-	used  uint64 // batch number of last use
+	encs     []*encoded
+	chunk    *session.Chunk
+	used     uint64    // batch number of last use
+	usedTime time.Time // time of last use
 }
 
-// chunkTTL is how many batches an unused chunk stays cached.
-const chunkTTL = 8
+// An unused chunk stays cached for chunkTTL batches, and at most
+// chunkIdleTTL: in an idle tailnet no batches run, and the chunks (the
+// JSON and zstd of every peer) would otherwise stay in memory for good.
+const (
+	chunkTTL     = 8
+	chunkIdleTTL = time.Minute
+)
 
 // chunkLocked returns the shared chunk holding exactly encs (each with a
 // leading comma), building it on first request. Two classes that see the
@@ -37,9 +43,10 @@ func (e *Engine) chunkLocked(encs []*encoded) *session.Chunk {
 		h ^= uint64(uintptr(unsafe.Pointer(x)))
 		h *= 1099511628211
 	}
+	now := time.Now()
 	for _, ce := range e.chunks[h] {
 		if equalEncs(ce.encs, encs) {
-			ce.used = e.batchNo
+			ce.used, ce.usedTime = e.batchNo, now
 			return ce.chunk
 		}
 	}
@@ -52,7 +59,7 @@ func (e *Engine) chunkLocked(encs []*encoded) *session.Chunk {
 		b = append(b, ',')
 		b = append(b, x.full...)
 	}
-	ce := &chunkEntry{encs: encs, chunk: session.NewChunk(b), used: e.batchNo}
+	ce := &chunkEntry{encs: encs, chunk: session.NewChunk(b), used: e.batchNo, usedTime: now}
 	e.chunks[h] = append(e.chunks[h], ce)
 	return ce.chunk
 }
@@ -69,12 +76,14 @@ func equalEncs(a, b []*encoded) bool {
 	return true
 }
 
-// sweepChunksLocked drops chunks not used for chunkTTL batches.
+// sweepChunksLocked drops chunks not used for chunkTTL batches or for
+// chunkIdleTTL.
 func (e *Engine) sweepChunksLocked() {
+	cutoff := time.Now().Add(-chunkIdleTTL)
 	for h, list := range e.chunks {
 		keep := list[:0]
 		for _, ce := range list {
-			if e.batchNo-ce.used <= chunkTTL {
+			if e.batchNo-ce.used <= chunkTTL && ce.usedTime.After(cutoff) {
 				keep = append(keep, ce)
 			}
 		}

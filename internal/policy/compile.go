@@ -1,7 +1,6 @@
 package policy
 
 import (
-	"cmp"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -925,24 +924,10 @@ func (c *Compiled) Filter(nodeID uint64) []tailcfg.FilterRule {
 	return out
 }
 
-// Peers returns the peers the node sees, sorted by node ID.
+// Peers returns the peers the node sees, sorted by node ID: its class's
+// peers without the node itself.
 func (c *Compiled) Peers(nodeID uint64) []Peer {
-	_, i, ok := c.node(nodeID)
-	if !ok {
-		return nil
-	}
-	cl := c.classes[c.classOf[i]]
-	var out []Peer
-	cl.visible.each(func(pci int) {
-		for _, pi := range c.classes[pci].members {
-			if pi == i {
-				continue
-			}
-			out = append(out, c.peerView(cl, pi))
-		}
-	})
-	slices.SortFunc(out, func(a, b Peer) int { return cmp.Compare(a.ID, b.ID) })
-	return out
+	return slices.DeleteFunc(c.ClassPeers(nodeID), func(p Peer) bool { return p.ID == nodeID })
 }
 
 // peerView is node pi as nodes of class viewer see it.
