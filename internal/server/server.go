@@ -274,11 +274,12 @@ func watchPolicyFile(ctx context.Context, st *state.State, path string, log *slo
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	// The first tick always reads the file: it may have changed between
+	// the load at start-up and this goroutine starting. Reading an
+	// unchanged file is a no-op (loadPolicyFile compares with the active
+	// policy).
 	var lastMod time.Time
-	var lastSize int64
-	if fi, err := os.Stat(path); err == nil {
-		lastMod, lastSize = fi.ModTime(), fi.Size()
-	}
+	lastSize := int64(-1)
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
