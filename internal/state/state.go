@@ -150,10 +150,9 @@ type State struct {
 
 // Setting keys kept in the store.
 const (
-	SettingPolicy     = "policy"
-	SettingNoiseKey   = "noise_private_key"
-	SettingNextIPv4   = "ipalloc_next_v4"
-	settingPolicyTime = "policy_updated"
+	SettingPolicy   = "policy"
+	SettingNoiseKey = "noise_private_key"
+	SettingNextIPv4 = "ipalloc_next_v4"
 )
 
 // New loads the whole state from the store.
@@ -404,7 +403,7 @@ func toStoreNode(n *Node) *store.Node {
 	return sn
 }
 
-// PolicyUsers and PolicyNodes convert the tailnet for the policy engine.
+// policyInputLocked converts the tailnet for the policy engine.
 func (s *State) policyInputLocked() ([]policy.User, []policy.Node) {
 	users := make([]policy.User, 0, len(s.users))
 	for _, u := range s.users {
