@@ -119,17 +119,24 @@ func peerNames(peers []*tailcfg.Node) []string {
 	return out
 }
 
-func TestFullMapThenDeltas(t *testing.T) {
-	ts := newTestServer(t)
-	k := ts.key(t, true)
+// pairWithStream joins nodes a and b with a reusable key and opens a's
+// stream, returning its full map.
+func pairWithStream(t *testing.T) (ts *testServer, k string, sa *testclient.Stream, full *tailcfg.MapResponse) {
+	t.Helper()
+	ts = newTestServer(t)
+	k = ts.key(t, true)
 	a := join(t, ts, k, "a")
 	join(t, ts, k, "b")
 	sa, err := a.Map(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer sa.Close()
-	full := fullMap(t, sa)
+	t.Cleanup(sa.Close)
+	return ts, k, sa, fullMap(t, sa)
+}
+
+func TestFullMapThenDeltas(t *testing.T) {
+	ts, k, sa, full := pairWithStream(t)
 	if full.Node == nil || full.Node.Name != "a.ts.test." || len(full.Node.Addresses) != 2 {
 		t.Fatalf("self node: %+v", full.Node)
 	}
@@ -319,16 +326,7 @@ func TestNonStreamingMapAndLiteUpdate(t *testing.T) {
 }
 
 func TestPolicyChangeSendsDeltas(t *testing.T) {
-	ts := newTestServer(t)
-	k := ts.key(t, true)
-	a := join(t, ts, k, "a")
-	join(t, ts, k, "b")
-	sa, err := a.Map(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sa.Close()
-	full := fullMap(t, sa)
+	ts, _, sa, full := pairWithStream(t)
 	if len(full.Peers) != 1 {
 		t.Fatalf("full map peers: %v", peerNames(full.Peers))
 	}

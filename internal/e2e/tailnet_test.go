@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -264,32 +263,11 @@ func TestDERPRelay(t *testing.T) {
 // and logs them all in with key, in parallel.
 func join(t *testing.T, srv *server, key string, env []string, hostnames ...string) []*member {
 	t.Helper()
-	ms := make([]*member, len(hostnames))
-	for i, h := range hostnames {
-		ms[i] = &member{Client: realclient.Start(t, realclient.Options{Name: h, ControlURL: srv.URL(), Env: env})}
+	keys := make([]string, len(hostnames))
+	for i := range keys {
+		keys[i] = key
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), joinTimeout)
-	defer cancel()
-	errs := make([]error, len(ms))
-	var wg sync.WaitGroup
-	for i, m := range ms {
-		wg.Go(func() {
-			if errs[i] = m.Up(ctx, srv.URL(), key, m.Name()); errs[i] != nil {
-				return
-			}
-			st, err := m.Status(ctx)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			errs[i] = m.setIdentity(st)
-		})
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		t.Fatal(err)
-	}
-	return ms
+	return joinEach(t, srv, env, hostnames, keys)
 }
 
 // setIdentity records the addresses and name the client reports for itself.
