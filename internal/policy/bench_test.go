@@ -64,3 +64,35 @@ func BenchmarkRecompileOneRuleEdit(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkAddNodeTo15K adds one node at a time, with AddNodes, to the
+// 15,000-rule policy compiled over 9,000 of the generated nodes: the cost
+// of one join into a large tailnet without recompiling. Each iteration adds
+// the next of the last 1,000 nodes; run it with -benchtime up to 1000x.
+func BenchmarkAddNodeTo15K(b *testing.B) {
+	src, tn := benchData()
+	p, err := policy.Parse(src)
+	if err != nil {
+		b.Fatal(err)
+	}
+	const base = 9000
+	c, err := p.Compile(tn.users, tn.nodes[:base])
+	if err != nil {
+		b.Fatal(err)
+	}
+	var changed int
+	b.ReportAllocs()
+	i := base
+	for b.Loop() {
+		if i == len(tn.nodes) {
+			b.Fatalf("only %d nodes to add: use -benchtime %dx or less", len(tn.nodes)-base, len(tn.nodes)-base)
+		}
+		ch, ok := c.AddNodes(tn.nodes[i : i+1])
+		if !ok {
+			b.Fatalf("node %d needed a full compile", tn.nodes[i].ID)
+		}
+		changed += len(ch)
+		i++
+	}
+	b.ReportMetric(float64(changed)/float64(i-base), "changed-classes/op")
+}

@@ -11,9 +11,9 @@ import (
 	"tailscale.com/tailcfg"
 )
 
-// Compiled is a policy compiled for one tailnet state. It is immutable and
-// safe for concurrent use; slices it returns are shared and must not be
-// modified by callers.
+// Compiled is a policy compiled for one tailnet state. It is safe for
+// concurrent reads; AddNodes changes it in place and needs exclusive access.
+// Slices it returns are shared and must not be modified by callers.
 type Compiled struct {
 	p       *Policy
 	nodes   []Node
@@ -28,6 +28,11 @@ type Compiled struct {
 	// viaPrimary is the primary among the routers carrying some via tags:
 	// key is route + "|" + the tags joined by ",".
 	viaPrimary map[string]int
+
+	// cp is the compiler state AddNodes continues from.
+	cp *compiler
+	// principals caches each node's SSH principals.
+	principals [][]*tailcfg.SSHPrincipal
 }
 
 // class is an identity class: nodes the policy cannot tell apart.
@@ -62,12 +67,27 @@ type steer struct {
 	via      []string
 }
 
+// srcList is a rendered FilterRule.SrcIPs list, shared by every piece whose
+// source is the same selector (or the same autogroup:self user). AddNodes
+// replaces ips in place, so one update reaches every piece naming it.
+type srcList struct {
+	ips []string
+	// dirty is the AddNodes call that last changed ips.
+	dirty uint64
+}
+
 // piece is one filter rule as a class receives it. Pieces are shared by every
 // class that receives the same part of a policy rule.
 type piece struct {
+	// ri is the rule the piece comes from and self whether it is the
+	// rule's autogroup:self part: a class's pieces are ordered by both.
+	ri   int
+	self bool
+	// added is the AddNodes call that created the piece (0: Compile).
+	added uint64
 	// srcs are the SrcIPs lists of the rule's source selectors; the piece
-	// becomes one FilterRule per list so the lists stay shared.
-	srcs   [][]string
+	// becomes one FilterRule per non-empty list so the lists stay shared.
+	srcs   []*srcList
 	protos []int
 	// dst are destinations that are the same for every receiver.
 	dst []tailcfg.NetPortRange
@@ -86,10 +106,10 @@ type selector struct {
 	// prefix), and classes whose approved routes overlap the alias.
 	classes      bitset
 	routeClasses bitset
-	// addrs are the addresses the alias stands for as a source, and srcIPs
+	// addrs are the addresses the alias stands for as a source, and src
 	// their FilterRule.SrcIPs rendering.
-	addrs  *netipx.IPSet
-	srcIPs []string
+	addrs *netipx.IPSet
+	src   *srcList
 
 	// What rules using the selector as a source reach (classes, addresses,
 	// the internet), and what reaches rules using it as a destination.
@@ -98,19 +118,52 @@ type selector struct {
 	internet               bool
 }
 
-// compiler holds the state of one Compile call.
+// compiler holds the state of one Compile call, kept with the result for
+// AddNodes.
 type compiler struct {
 	c        *Compiled
 	sels     []*selector
 	selIdx   map[string]int
-	nodeSels [][]int // per node: selectors naming it by identity/address
-	nodeRSel [][]int // per node: selectors overlapping its routes
-	perUser  bool    // classes must separate users
+	index    *selectorIndex
+	nodeSels [][]int        // per node: selectors naming it by identity/address
+	nodeRSel [][]int        // per node: selectors overlapping its routes
+	perUser  bool           // classes must separate users
+	keys     map[string]int // class key -> class id
 
 	wildcardSrc   []string
 	approvedRoute *netipx.IPSet // all approved subnet routes
 	userClasses   map[uint64][]int
 	userSrcCache  map[uint64][]string
+
+	// active marks the rules with at least one source address; the others
+	// compile to nothing.
+	active []bool
+	hasVia bool
+	// anyDstReachedBy are the classes that are sources of rules to "*",
+	// and anyDst those rules' source prefixes.
+	anyDstReachedBy bitset
+	anyDst          *netipx.IPSet
+	// selReachPfx and selReachedByPfx are the selectors' prefix reach.
+	selReachPfx, selReachedByPfx []*netipx.IPSet
+	// self holds the autogroup:self piece of each rule and source user.
+	self map[selfKey]*selfEntry
+	// adds counts AddNodes calls, to mark the source lists each changed.
+	adds uint64
+}
+
+type selfKey struct {
+	ri   int
+	user uint64
+}
+
+// selfEntry is the autogroup:self part of one rule for one user: every
+// class of the user receives pc, whose source is the user's classes that
+// the rule's sources name.
+type selfEntry struct {
+	user    uint64
+	pc      *piece
+	list    *srcList
+	classes []int
 }
 
 // Compile resolves the policy against the tailnet's users and nodes and
@@ -138,15 +191,18 @@ func (p *Policy) Compile(users []User, nodes []Node) (*Compiled, error) {
 		c:            c,
 		selIdx:       map[string]int{},
 		perUser:      p.usesSelf || len(p.localparts) > 0,
+		keys:         map[string]int{},
 		userClasses:  map[uint64][]int{},
 		userSrcCache: map[uint64][]string{},
+		self:         map[selfKey]*selfEntry{},
 	}
+	c.cp = cp
 	cp.electPrimaries()
 	cp.collectSelectors()
 	cp.buildClasses()
 	cp.resolveSelectors()
 	cp.compileRules()
-	cp.compileSSH()
+	cp.compileSSH(nil, nil)
 	cp.compileNodeAttrs()
 	return c, nil
 }
@@ -367,52 +423,64 @@ func (cp *compiler) buildClasses() {
 	c.classOf = make([]int, len(c.nodes))
 	cp.nodeSels = make([][]int, len(c.nodes))
 	cp.nodeRSel = make([][]int, len(c.nodes))
-	x := cp.indexSelectors()
-	keys := map[string]int{}
-	var kb strings.Builder
+	cp.index = cp.indexSelectors()
 	for i := range c.nodes {
-		n := &c.nodes[i]
-		ids, rids := cp.nodeSelectors(x, n)
-		cp.nodeSels[i], cp.nodeRSel[i] = ids, rids
-		kb.Reset()
-		if n.IsTagged() {
-			kb.WriteString("t")
-		} else {
-			kb.WriteString("u")
-			if cp.perUser {
-				kb.WriteString(strconv.FormatUint(n.UserID, 10))
-			}
-		}
-		// Approved routes decide what a router receives and which routes
-		// its viewers get, so routers only share a class with routers of
-		// the same routes.
-		for _, r := range n.ApprovedRoutes {
-			kb.WriteString(r.String())
-			kb.WriteByte(',')
-		}
-		kb.WriteByte('|')
-		for _, id := range ids {
-			kb.WriteString(strconv.Itoa(id))
-			kb.WriteByte(',')
-		}
-		kb.WriteByte('|')
-		for _, id := range rids {
-			kb.WriteString(strconv.Itoa(id))
-			kb.WriteByte(',')
-		}
-		k := kb.String()
-		ci, ok := keys[k]
-		if !ok {
-			ci = len(c.classes)
-			keys[k] = ci
-			c.classes = append(c.classes, &class{rep: i, user: n.UserID, tagged: n.IsTagged()})
-			if !n.IsTagged() {
-				cp.userClasses[n.UserID] = append(cp.userClasses[n.UserID], ci)
-			}
-		}
-		c.classOf[i] = ci
-		c.classes[ci].members = append(c.classes[ci].members, i)
+		cp.classify(i)
 	}
+}
+
+// classify puts node i into the class of its key, starting a new class when
+// no node had that key, and reports whether it did.
+func (cp *compiler) classify(i int) (ci int, isNew bool) {
+	c := cp.c
+	n := &c.nodes[i]
+	ids, rids := cp.nodeSelectors(cp.index, n)
+	cp.nodeSels[i], cp.nodeRSel[i] = ids, rids
+	k := cp.classKey(n, ids, rids)
+	ci, ok := cp.keys[k]
+	if !ok {
+		ci = len(c.classes)
+		cp.keys[k] = ci
+		c.classes = append(c.classes, &class{rep: i, user: n.UserID, tagged: n.IsTagged()})
+		if !n.IsTagged() {
+			cp.userClasses[n.UserID] = append(cp.userClasses[n.UserID], ci)
+		}
+	}
+	c.classOf[i] = ci
+	c.classes[ci].members = append(c.classes[ci].members, i)
+	return ci, !ok
+}
+
+// classKey is what the policy can see of a node: user (or tagged),
+// approved routes, and the selectors naming it.
+func (cp *compiler) classKey(n *Node, ids, rids []int) string {
+	var kb strings.Builder
+	if n.IsTagged() {
+		kb.WriteString("t")
+	} else {
+		kb.WriteString("u")
+		if cp.perUser {
+			kb.WriteString(strconv.FormatUint(n.UserID, 10))
+		}
+	}
+	// Approved routes decide what a router receives and which routes its
+	// viewers get, so routers only share a class with routers of the same
+	// routes.
+	for _, r := range n.ApprovedRoutes {
+		kb.WriteString(r.String())
+		kb.WriteByte(',')
+	}
+	kb.WriteByte('|')
+	for _, id := range ids {
+		kb.WriteString(strconv.Itoa(id))
+		kb.WriteByte(',')
+	}
+	kb.WriteByte('|')
+	for _, id := range rids {
+		kb.WriteString(strconv.Itoa(id))
+		kb.WriteByte(',')
+	}
+	return kb.String()
 }
 
 // resolveSelectors computes each selector's classes and source addresses.
@@ -450,34 +518,36 @@ func (cp *compiler) resolveSelectors() {
 
 func (cp *compiler) sel(a alias) *selector { return cp.sels[cp.selIdx[a.key()]] }
 
-// srcStrings renders a selector's addresses as FilterRule.SrcIPs. Each
+// srcRef returns a selector's addresses rendered as FilterRule.SrcIPs. Each
 // selector's list is built once and shared by every rule that names it.
-func (cp *compiler) srcStrings(si int) []string {
+func (cp *compiler) srcRef(si int) *srcList {
 	s := cp.sels[si]
-	if s.srcIPs != nil {
-		return s.srcIPs
+	if s.src != nil {
+		return s.src
 	}
+	s.src = &srcList{}
 	switch s.a.kind {
 	case akDangerAll:
-		s.srcIPs = []string{"*"}
+		s.src.ips = []string{"*"}
 	case akWildcard:
-		s.srcIPs = cp.wildcardSrc
+		s.src.ips = cp.wildcardSrc
 	default:
-		s.srcIPs = ipSetStrings(s.addrs)
+		s.src.ips = ipSetStrings(s.addrs)
 	}
-	return s.srcIPs
+	return s.src
 }
 
-// srcLists returns the SrcIPs lists of a rule's sources, one per selector,
-// skipping selectors that stand for no address.
-func (cp *compiler) srcLists(src []alias) [][]string {
-	var out [][]string
+// srcRefs returns the SrcIPs lists of a rule's sources, one per selector,
+// and whether any of them stands for an address.
+func (cp *compiler) srcRefs(src []alias) ([]*srcList, bool) {
+	out := make([]*srcList, 0, len(src))
+	any := false
 	for _, a := range src {
-		if l := cp.srcStrings(cp.selIdx[a.key()]); len(l) > 0 {
-			out = append(out, l)
-		}
+		l := cp.srcRef(cp.selIdx[a.key()])
+		out = append(out, l)
+		any = any || len(l.ips) > 0
 	}
-	return out
+	return out, any
 }
 
 // srcPrefixes is the address part of a rule's sources that is not node
@@ -545,15 +615,20 @@ func (cp *compiler) compileRules() {
 	}
 	anyDstReachedBy := newBitset(nc) // sources of rules to "*"
 	var anyDstPfx netipx.IPSetBuilder
+	cp.active = make([]bool, len(c.p.rules))
 	for ri := range c.p.rules {
 		r := &c.p.rules[ri]
+		if len(r.via) > 0 {
+			cp.hasVia = true
+		}
 		if len(r.src) == 0 || len(r.dst) == 0 {
 			continue
 		}
-		srcs := cp.srcLists(r.src)
-		if len(srcs) == 0 {
+		srcs, active := cp.srcRefs(r.src)
+		if !active {
 			continue
 		}
+		cp.active[ri] = true
 		srcCl := cp.srcClasses(r.src)
 
 		// Which entries each class receives.
@@ -613,7 +688,7 @@ func (cp *compiler) compileRules() {
 			}
 			pc, ok := shared[string(key)]
 			if !ok {
-				pc = cp.newPiece(r, srcs, m, c.nodes[c.classes[ci].rep])
+				pc = cp.newPiece(ri, srcs, m, c.nodes[c.classes[ci].rep])
 				shared[string(key)] = pc
 			}
 			if pc != nil {
@@ -623,7 +698,7 @@ func (cp *compiler) compileRules() {
 
 		// autogroup:self: each source user reaches their own untagged nodes.
 		if len(selfEntries) > 0 {
-			cp.compileSelf(r, selfEntries, srcCl, direct)
+			cp.compileSelf(ri, selfEntries, srcCl, direct)
 		}
 
 		// Visibility and route relevance.
@@ -664,37 +739,44 @@ func (cp *compiler) compileRules() {
 	}
 
 	// Fold selectors into classes.
-	selReachPfx := make([]*netipx.IPSet, len(cp.sels))
-	selReachedByPfx := make([]*netipx.IPSet, len(cp.sels))
+	cp.selReachPfx = make([]*netipx.IPSet, len(cp.sels))
+	cp.selReachedByPfx = make([]*netipx.IPSet, len(cp.sels))
 	for si, s := range cp.sels {
-		selReachPfx[si], _ = s.reachPfx.IPSet()
-		selReachedByPfx[si], _ = s.reachedByPfx.IPSet()
+		cp.selReachPfx[si], _ = s.reachPfx.IPSet()
+		cp.selReachedByPfx[si], _ = s.reachedByPfx.IPSet()
 	}
-	anyDst, _ := anyDstPfx.IPSet()
-	for ci, cl := range c.classes {
-		vis := direct[ci]
-		vis.or(anyDstReachedBy)
-		var rb, rbb netipx.IPSetBuilder
-		rbb.AddSet(anyDst)
-		rep := cl.rep
-		each := func(si int) {
-			s := cp.sels[si]
-			vis.or(s.reach)
-			vis.or(s.reachedBy)
-			rb.AddSet(selReachPfx[si])
-			rbb.AddSet(selReachedByPfx[si])
-			cl.internet = cl.internet || s.internet
-		}
-		for _, si := range cp.nodeSels[rep] {
-			each(si)
-		}
-		for _, si := range cp.nodeRSel[rep] {
-			each(si)
-		}
-		cl.visible = vis
-		cl.reach, _ = rb.IPSet()
-		cl.reachedBy, _ = rbb.IPSet()
+	cp.anyDstReachedBy = anyDstReachedBy
+	cp.anyDst, _ = anyDstPfx.IPSet()
+	for ci := range c.classes {
+		cp.foldClass(ci, direct[ci])
 	}
+}
+
+// foldClass computes class ci's visibility from the selectors naming its
+// representative, on top of vis (its direct links), and the address sets
+// deciding which routes it gets.
+func (cp *compiler) foldClass(ci int, vis bitset) {
+	cl := cp.c.classes[ci]
+	vis.or(cp.anyDstReachedBy)
+	var rb, rbb netipx.IPSetBuilder
+	rbb.AddSet(cp.anyDst)
+	each := func(si int) {
+		s := cp.sels[si]
+		vis.or(s.reach)
+		vis.or(s.reachedBy)
+		rb.AddSet(cp.selReachPfx[si])
+		rbb.AddSet(cp.selReachedByPfx[si])
+		cl.internet = cl.internet || s.internet
+	}
+	for _, si := range cp.nodeSels[cl.rep] {
+		each(si)
+	}
+	for _, si := range cp.nodeRSel[cl.rep] {
+		each(si)
+	}
+	cl.visible = vis
+	cl.reach, _ = rb.IPSet()
+	cl.reachedBy, _ = rbb.IPSet()
 }
 
 // viaClasses returns the classes carrying any of the via tags.
@@ -731,10 +813,11 @@ func (cp *compiler) electVia(dst *netipx.IPSet, via []string) {
 	}
 }
 
-// newPiece builds the filter piece for the entries marked in m, as a node
-// like rep receives them. It returns nil when nothing applies.
-func (cp *compiler) newPiece(r *rule, srcs [][]string, m []bool, rep Node) *piece {
-	pc := &piece{srcs: srcs, protos: r.protos, caps: r.caps}
+// newPiece builds the filter piece of rule ri for the entries marked in m,
+// as a node like rep receives them. It returns nil when nothing applies.
+func (cp *compiler) newPiece(ri int, srcs []*srcList, m []bool, rep Node) *piece {
+	r := &cp.c.p.rules[ri]
+	pc := &piece{ri: ri, added: cp.adds, srcs: srcs, protos: r.protos, caps: r.caps}
 	own := rep.addrPrefixes()
 	routes := nonExit(rep.ApprovedRoutes)
 	for ei, on := range m {
@@ -780,14 +863,11 @@ func (cp *compiler) newPiece(r *rule, srcs [][]string, m []bool, rep Node) *piec
 	return pc
 }
 
-// compileSelf handles autogroup:self destinations of rule r: sources reach
-// the untagged nodes of their own user.
-func (cp *compiler) compileSelf(r *rule, entries []int, srcCl bitset, direct []bitset) {
+// compileSelf handles autogroup:self destinations of rule ri: sources
+// reach the untagged nodes of their own user.
+func (cp *compiler) compileSelf(ri int, entries []int, srcCl bitset, direct []bitset) {
 	c := cp.c
-	var ports []tailcfg.PortRange
-	for _, ei := range entries {
-		ports = append(ports, r.dst[ei].ports...)
-	}
+	ports := selfPorts(&c.p.rules[ri], entries)
 	// Users with at least one untagged node named by the sources.
 	var users []uint64
 	seen := map[uint64]bool{}
@@ -805,20 +885,39 @@ func (cp *compiler) compileSelf(r *rule, entries []int, srcCl bitset, direct []b
 				srcUser = append(srcUser, ci)
 			}
 		}
-		pc := &piece{srcs: [][]string{cp.userSrc(u, srcUser)}, protos: r.protos, caps: r.caps}
-		if r.caps != nil {
-			pc.capSelf = true
-		} else {
-			pc.selfPorts = ports
-		}
+		e := cp.newSelfEntry(ri, ports, u, srcUser)
 		for _, ci := range ucl {
-			c.classes[ci].pieces = append(c.classes[ci].pieces, pc)
+			c.classes[ci].pieces = append(c.classes[ci].pieces, e.pc)
 			for _, si := range srcUser {
 				direct[ci].set(si)
 				direct[si].set(ci)
 			}
 		}
 	}
+}
+
+// selfPorts are the ports of rule r's autogroup:self entries.
+func selfPorts(r *rule, entries []int) []tailcfg.PortRange {
+	var ports []tailcfg.PortRange
+	for _, ei := range entries {
+		ports = append(ports, r.dst[ei].ports...)
+	}
+	return ports
+}
+
+// newSelfEntry builds the autogroup:self piece of rule ri for user u, whose
+// classes srcUser the rule's sources name.
+func (cp *compiler) newSelfEntry(ri int, ports []tailcfg.PortRange, u uint64, srcUser []int) *selfEntry {
+	r := &cp.c.p.rules[ri]
+	e := &selfEntry{user: u, list: &srcList{ips: cp.userSrc(u, srcUser)}, classes: srcUser}
+	e.pc = &piece{ri: ri, self: true, added: cp.adds, srcs: []*srcList{e.list}, protos: r.protos, caps: r.caps}
+	if r.caps != nil {
+		e.pc.capSelf = true
+	} else {
+		e.pc.selfPorts = ports
+	}
+	cp.self[selfKey{ri, u}] = e
+	return e
 }
 
 // userSrc renders the addresses of a user's classes as SrcIPs, cached for
@@ -899,29 +998,86 @@ func (c *Compiled) Filter(nodeID uint64) []tailcfg.FilterRule {
 	cl := c.classes[c.classOf[i]]
 	out := make([]tailcfg.FilterRule, 0, len(cl.pieces))
 	for _, pc := range cl.pieces {
-		var fr tailcfg.FilterRule
-		fr.IPProto = pc.protos
-		if pc.caps != nil {
-			fr.CapGrant = []tailcfg.CapGrant{{Dsts: n.addrPrefixes(), CapMap: pc.caps}}
-		} else {
-			fr.DstPorts = pc.dst
-			if len(pc.selfPorts) > 0 {
-				dp := make([]tailcfg.NetPortRange, 0, len(pc.dst)+2*len(pc.selfPorts))
-				dp = append(dp, pc.dst...)
-				for _, a := range n.addrStrings() {
-					for _, pr := range pc.selfPorts {
-						dp = append(dp, tailcfg.NetPortRange{IP: a, Ports: pr})
-					}
+		out = pc.appendRules(out, n)
+	}
+	return out
+}
+
+// appendRules appends the piece's rules as node n receives them: one per
+// non-empty source list.
+func (pc *piece) appendRules(out []tailcfg.FilterRule, n *Node) []tailcfg.FilterRule {
+	var fr tailcfg.FilterRule
+	fr.IPProto = pc.protos
+	if pc.caps != nil {
+		fr.CapGrant = []tailcfg.CapGrant{{Dsts: n.addrPrefixes(), CapMap: pc.caps}}
+	} else {
+		fr.DstPorts = pc.dst
+		if len(pc.selfPorts) > 0 {
+			dp := make([]tailcfg.NetPortRange, 0, len(pc.dst)+2*len(pc.selfPorts))
+			dp = append(dp, pc.dst...)
+			for _, a := range n.addrStrings() {
+				for _, pr := range pc.selfPorts {
+					dp = append(dp, tailcfg.NetPortRange{IP: a, Ports: pr})
 				}
-				fr.DstPorts = dp
 			}
+			fr.DstPorts = dp
 		}
-		for _, src := range pc.srcs {
-			fr.SrcIPs = src
-			out = append(out, fr)
+	}
+	for _, src := range pc.srcs {
+		if len(src.ips) == 0 {
+			continue
+		}
+		fr.SrcIPs = src.ips
+		out = append(out, fr)
+	}
+	return out
+}
+
+// FilterChunk is a named part of a node's packet filter: the rules one
+// policy rule gives it (its autogroup:self part is a chunk of its own).
+// Names sort in rule order, and clients concatenate PacketFilters chunks in
+// name order, so the chunks together are exactly Filter.
+type FilterChunk struct {
+	Name  string
+	Rules []tailcfg.FilterRule
+}
+
+// FilterChunks returns the node's filter as named chunks, without empty
+// ones. With changedOnly it returns only the chunks the last AddNodes call
+// added or changed for the node: a join then resends the rules whose
+// sources it changed, not the whole filter.
+func (c *Compiled) FilterChunks(nodeID uint64, changedOnly bool) []FilterChunk {
+	n, i, ok := c.node(nodeID)
+	if !ok {
+		return nil
+	}
+	gen := c.cp.adds
+	var out []FilterChunk
+	for _, pc := range c.classes[c.classOf[i]].pieces {
+		if changedOnly && !pc.changedIn(gen) {
+			continue
+		}
+		if rules := pc.appendRules(nil, n); len(rules) > 0 {
+			out = append(out, FilterChunk{Name: pc.name(), Rules: rules})
 		}
 	}
 	return out
+}
+
+// changedIn reports whether AddNodes call gen created the piece or changed
+// one of its source lists.
+func (pc *piece) changedIn(gen uint64) bool {
+	return gen != 0 && (pc.added == gen || slices.ContainsFunc(pc.srcs, func(l *srcList) bool { return l.dirty == gen }))
+}
+
+// name is the piece's FilterChunk name: the rule index, zero-padded so
+// names sort numerically, and "s" for the rule's autogroup:self part.
+func (pc *piece) name() string {
+	n := fmt.Sprintf("%07d", pc.ri)
+	if pc.self {
+		n += "s"
+	}
+	return n
 }
 
 // Peers returns the peers the node sees, sorted by node ID: its class's
@@ -1004,20 +1160,27 @@ func (c *Compiled) CapMap(nodeID uint64) tailcfg.NodeCapMap {
 
 // compileNodeAttrs assigns nodeAttrs capabilities to classes.
 func (cp *compiler) compileNodeAttrs() {
-	c := cp.c
-	for _, na := range c.p.nodeAttrs {
+	for ci := range cp.c.classes {
+		cp.capsFor(ci)
+	}
+}
+
+// capsFor assigns nodeAttrs capabilities to class ci.
+func (cp *compiler) capsFor(ci int) {
+	cl := cp.c.classes[ci]
+	for _, na := range cp.c.p.nodeAttrs {
 		for _, t := range na.targets {
-			cp.sel(t).classes.each(func(ci int) {
-				cl := c.classes[ci]
-				if cl.caps == nil {
-					cl.caps = tailcfg.NodeCapMap{}
+			if !cp.sel(t).classes.has(ci) {
+				continue
+			}
+			if cl.caps == nil {
+				cl.caps = tailcfg.NodeCapMap{}
+			}
+			for _, at := range na.attrs {
+				if _, ok := cl.caps[tailcfg.NodeCapability(at)]; !ok {
+					cl.caps[tailcfg.NodeCapability(at)] = nil
 				}
-				for _, at := range na.attrs {
-					if _, ok := cl.caps[tailcfg.NodeCapability(at)]; !ok {
-						cl.caps[tailcfg.NodeCapability(at)] = nil
-					}
-				}
-			})
+			}
 		}
 	}
 }

@@ -44,8 +44,10 @@ func (r *sshRule) sshUsers() (common map[string]string, localDomains []string) {
 	return common, localDomains
 }
 
-// compileSSH builds each class's SSH rules.
-func (cp *compiler) compileSSH() {
+// compileSSH builds each class's SSH rules. When grown is set (AddNodes),
+// the classes receiving a rule whose sources include a grown class are
+// added to changed: the rule's principals changed.
+func (cp *compiler) compileSSH(grown bitset, changed *bitset) {
 	c := cp.c
 	nc := len(c.classes)
 	for ri := range c.p.ssh {
@@ -62,6 +64,7 @@ func (cp *compiler) compileSSH() {
 		if len(srcNodes) == 0 {
 			continue
 		}
+		touched := grown != nil && srcCl.intersects(grown)
 		dstCl := newBitset(nc)
 		hasSelf := false
 		for _, a := range r.dst {
@@ -78,7 +81,12 @@ func (cp *compiler) compileSSH() {
 				Action:     r.action(),
 				AcceptEnv:  r.acceptEnv,
 			}
-			to.each(func(ci int) { c.classes[ci].ssh = append(c.classes[ci].ssh, rule) })
+			to.each(func(ci int) {
+				c.classes[ci].ssh = append(c.classes[ci].ssh, rule)
+				if touched {
+					changed.add(ci)
+				}
+			})
 		}
 		if len(localDomains) == 0 {
 			if !dstCl.empty() {
@@ -172,9 +180,22 @@ func localpartFor(c *Compiled, uid uint64, domains []string) (string, bool) {
 func principalsOf(c *Compiled, nodes []int) []*tailcfg.SSHPrincipal {
 	var out []*tailcfg.SSHPrincipal
 	for _, ni := range nodes {
-		for _, a := range c.nodes[ni].addrStrings() {
-			out = append(out, &tailcfg.SSHPrincipal{NodeIP: a})
-		}
+		out = append(out, c.nodePrincipals(ni)...)
 	}
 	return out
+}
+
+// nodePrincipals returns node i's addresses as SSH principals, built once
+// per node: AddNodes rebuilds every SSH rule, whose sources can be most of
+// the tailnet, and profiles showed rendering them again as its main cost.
+func (c *Compiled) nodePrincipals(i int) []*tailcfg.SSHPrincipal {
+	for len(c.principals) <= i {
+		c.principals = append(c.principals, nil)
+	}
+	if c.principals[i] == nil {
+		for _, a := range c.nodes[i].addrStrings() {
+			c.principals[i] = append(c.principals[i], &tailcfg.SSHPrincipal{NodeIP: a})
+		}
+	}
+	return c.principals[i]
 }

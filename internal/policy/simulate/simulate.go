@@ -82,15 +82,15 @@ func Run(caseJSON []byte) ([]byte, error) {
 // Simulate runs a decoded case. A rejected policy (status 400) reports what
 // nodes receive under the default policy, as the capture does.
 func Simulate(c *Case) (*Result, error) {
-	users, nodes, err := tailnet(c)
+	pol, perr := policy.Parse([]byte(c.Policy))
+	users, nodes, err := Tailnet(c, pol)
 	if err != nil {
 		return nil, err
 	}
 	res := &Result{PolicyStatus: 200}
-	pol, err := policy.Parse([]byte(c.Policy))
 	var comp *policy.Compiled
+	err = perr
 	if err == nil {
-		nodes = autoApprove(pol, users, nodes)
 		comp, err = pol.Compile(users, nodes)
 	}
 	if err == nil {
@@ -119,6 +119,17 @@ func autoApprove(pol *policy.Policy, users []policy.User, nodes []policy.Node) [
 		}
 	}
 	return out
+}
+
+// Tailnet returns the case's users and nodes. With a policy, the nodes'
+// advertised routes that its autoApprovers approve are approved, as the
+// server does when a node advertises them.
+func Tailnet(c *Case, pol *policy.Policy) ([]policy.User, []policy.Node, error) {
+	users, nodes, err := tailnet(c)
+	if err != nil || pol == nil {
+		return users, nodes, err
+	}
+	return users, autoApprove(pol, users, nodes), nil
 }
 
 func tailnet(c *Case) ([]policy.User, []policy.Node, error) {

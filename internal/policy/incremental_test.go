@@ -1,0 +1,192 @@
+package policy_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"tailscale.com/tailcfg"
+
+	"github.com/tailplane/tailplane/internal/policy"
+	"github.com/tailplane/tailplane/internal/policy/policygen"
+	"github.com/tailplane/tailplane/internal/policy/simulate"
+)
+
+// answers is everything a node receives from a compilation, as JSON.
+func answers(t testing.TB, c *policy.Compiled, id uint64) string {
+	t.Helper()
+	b, err := json.Marshal(struct {
+		Filter any
+		Peers  any
+		SSH    any
+		Caps   any
+		Shared bool
+	}{c.Filter(id), c.Peers(id), c.SSHPolicy(id), c.CapMap(id), c.FilterShared(id)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// addAndCompare starts from a compilation over nodes[:start], adds the rest
+// in the given batch sizes with AddNodes (recompiling when it declines), and
+// after every batch checks every node's answers against a fresh Compile, and
+// that nodes of classes AddNodes did not report as changed kept their
+// filter, SSH policy and capabilities. It returns how many batches AddNodes
+// took.
+func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy.User, nodes []policy.Node, start int, sizes []int) (took int) {
+	t.Helper()
+	c, err := pol.Compile(users, nodes[:start])
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	n := start
+	for _, size := range sizes {
+		end := min(n+size, len(nodes))
+		if end == n {
+			break
+		}
+		before := map[uint64]string{}
+		chunks := map[uint64]map[string][]tailcfg.FilterRule{}
+		for _, nd := range nodes[:n] {
+			before[nd.ID] = ownAnswers(t, c, nd.ID)
+			chunks[nd.ID] = chunkMap(c.FilterChunks(nd.ID, false))
+		}
+		changed, ok := c.AddNodes(slices.Clone(nodes[n:end]))
+		if !ok {
+			if c, err = pol.Compile(users, nodes[:end]); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			n = end
+			continue
+		}
+		took++
+		want, err := pol.Compile(users, nodes[:end])
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		for _, nd := range nodes[:end] {
+			if got, w := answers(t, c, nd.ID), answers(t, want, nd.ID); got != w {
+				t.Fatalf("%s: after adding nodes %d..%d, node %d (%s):\n got %s\nwant %s", name, n, end-1, nd.ID, nd.Hostname, got, w)
+			}
+		}
+		for _, nd := range nodes[:end] {
+			if got, w := jsonOf(t, concatChunks(chunkMap(c.FilterChunks(nd.ID, false)))), jsonOf(t, c.Filter(nd.ID)); got != w {
+				t.Fatalf("%s: node %d: chunks concatenated in name order\n got %s\nwant %s", name, nd.ID, got, w)
+			}
+		}
+		for _, nd := range nodes[:n] {
+			// The old chunks with the changed ones replaced: what a
+			// client holds after the delta.
+			held := chunks[nd.ID]
+			for _, ch := range c.FilterChunks(nd.ID, true) {
+				held[ch.Name] = ch.Rules
+			}
+			if got, w := jsonOf(t, concatChunks(held)), jsonOf(t, c.Filter(nd.ID)); got != w {
+				t.Fatalf("%s: after adding nodes %d..%d, node %d: old chunks plus changed ones\n got %s\nwant %s", name, n, end-1, nd.ID, got, w)
+			}
+			if !slices.Contains(changed, c.ClassOf(nd.ID)) && ownAnswers(t, c, nd.ID) != before[nd.ID] {
+				t.Fatalf("%s: after adding nodes %d..%d, node %d's filter or SSH policy changed but its class %d was not reported", name, n, end-1, nd.ID, c.ClassOf(nd.ID))
+			}
+		}
+		n = end
+	}
+	return took
+}
+
+func chunkMap(chs []policy.FilterChunk) map[string][]tailcfg.FilterRule {
+	m := map[string][]tailcfg.FilterRule{}
+	for _, ch := range chs {
+		m[ch.Name] = ch.Rules
+	}
+	return m
+}
+
+// concatChunks is what a client makes of its chunks: their rules in name
+// order.
+func concatChunks(m map[string][]tailcfg.FilterRule) []tailcfg.FilterRule {
+	out := []tailcfg.FilterRule{}
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, m[k]...)
+	}
+	return out
+}
+
+func jsonOf(t testing.TB, v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// ownAnswers is what of a node's answers AddNodes reports through changed
+// classes (peers are the caller's to diff).
+func ownAnswers(t testing.TB, c *policy.Compiled, id uint64) string {
+	b, err := json.Marshal([]any{c.Filter(id), c.SSHPolicy(id), c.CapMap(id)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestAddNodesMatchesCompile checks incremental joins against full
+// compilation over every oracle policy Tailscale accepted: nodes join one
+// by one, or all but the first at once.
+func TestAddNodesMatchesCompile(t *testing.T) {
+	var took, batches int
+	for _, oc := range loadCases(t) {
+		if oc.PolicyStatus != 200 {
+			continue
+		}
+		pol, err := policy.Parse([]byte(oc.Policy))
+		if err != nil {
+			continue
+		}
+		users, nodes, err := simulate.Tailnet(&oc.Case, pol)
+		if err != nil || len(nodes) < 2 {
+			continue
+		}
+		if _, err := pol.Compile(users, nodes); err != nil {
+			continue
+		}
+		ones := make([]int, len(nodes))
+		for i := range ones {
+			ones[i] = 1
+		}
+		took += addAndCompare(t, oc.ID+"/one-by-one", pol, users, nodes, 1, ones)
+		took += addAndCompare(t, oc.ID+"/at-once", pol, users, nodes, 1, []int{len(nodes)})
+		batches += len(nodes) // len(nodes)-1 one by one, and one at once
+	}
+	t.Logf("AddNodes took %d of %d batches (the rest needed a full compile)", took, batches)
+	if took == 0 {
+		t.Fatal("AddNodes never applied: the test compared nothing")
+	}
+}
+
+// TestAddNodesGenerated does the same on a generated policy with groups,
+// tags, hosts, autogroup:self and SSH rules, nodes joining in random
+// batches.
+func TestAddNodesGenerated(t *testing.T) {
+	for seed := range uint64(2) {
+		o := policygen.Options{Seed: seed + 1, Nodes: 200, Users: 40, Tags: 20, Groups: 10, Hosts: 10,
+			Rules: 200, SelfRules: 6, SSHRules: 6, Tagged: 0.4, Routers: 5}
+		src, users, nodes := policygen.Generate(o)
+		pol, err := policy.Parse(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := rand.New(rand.NewPCG(seed, 7))
+		var sizes []int
+		for range 30 {
+			sizes = append(sizes, 1+r.IntN(10))
+		}
+		took := addAndCompare(t, fmt.Sprintf("seed %d", seed), pol, users, nodes, o.Routers+20, sizes)
+		if took < len(sizes)/2 {
+			t.Errorf("seed %d: AddNodes took only %d of %d batches", seed, took, len(sizes))
+		}
+	}
+}
