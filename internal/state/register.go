@@ -102,7 +102,7 @@ func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult
 		// and name: they are what peers and DNS know it by.
 		n = existing.clone()
 	} else {
-		v4, v6, cursor, err := s.ips.allocate()
+		v4, v6, cursor, err := s.ips.allocate(len(tags) > 0)
 		if err != nil {
 			s.mu.Unlock()
 			return nil, err
@@ -111,7 +111,7 @@ func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult
 			ID: s.nextNodeID, MachineKey: p.MachineKey, IPv4: v4, IPv6: v6, CreatedAt: now,
 		}
 		s.nextNodeID++
-		muts = append(muts, store.Mutation{PutSetting: &store.Setting{Key: SettingNextIPv4, Value: cursor}})
+		muts = append(muts, store.Mutation{PutSetting: &cursor})
 	}
 	n.NodeKey = p.NodeKey
 	n.UserID = u.ID

@@ -153,6 +153,8 @@ const (
 	SettingPolicy   = "policy"
 	SettingNoiseKey = "noise_private_key"
 	SettingNextIPv4 = "ipalloc_next_v4"
+	// SettingNextIPv4Tagged is the cursor of tagged nodes' addresses.
+	SettingNextIPv4Tagged = "ipalloc_next_v4_tagged"
 )
 
 // New loads the whole state from the store.
@@ -186,7 +188,7 @@ func New(ctx context.Context, opts Options) (*State, error) {
 	if s.settings == nil {
 		s.settings = map[string][]byte{}
 	}
-	s.ips, err = newIPAllocator(opts.V4Prefix, opts.V6Prefix, s.settings[SettingNextIPv4])
+	s.ips, err = newIPAllocator(opts.V4Prefix, opts.V6Prefix, [2][]byte{s.settings[SettingNextIPv4], s.settings[SettingNextIPv4Tagged]})
 	if err != nil {
 		return nil, err
 	}
