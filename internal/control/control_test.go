@@ -28,6 +28,7 @@ import (
 type testServer struct {
 	url  string
 	st   *state.State
+	eng  *netmap.Engine
 	stop func()
 }
 
@@ -55,7 +56,7 @@ func newTestServerAt(t *testing.T, path string, noise key.MachinePrivate) *testS
 	go eng.Run(ctx)
 	srv := New(Options{State: st, Engine: eng, NoiseKey: noise, EphemeralTimeout: time.Second})
 	hs := httptest.NewServer(srv)
-	ts := &testServer{url: hs.URL, st: st}
+	ts := &testServer{url: hs.URL, st: st, eng: eng}
 	ts.stop = func() {
 		hs.CloseClientConnections()
 		hs.Close()
@@ -97,6 +98,21 @@ func join(t *testing.T, ts *testServer, authKey, host string) *testclient.Client
 	return c
 }
 
+// waitPublished waits until the fan-out has published the node with the
+// given hostname: Engine.FullMap waits for the batch that publishes it.
+func (ts *testServer) waitPublished(t *testing.T, host string) {
+	t.Helper()
+	for _, n := range ts.st.Nodes() {
+		if n.Hostname == host {
+			if _, ok := ts.eng.FullMap(n.ID); !ok {
+				t.Fatalf("node %s was never published", host)
+			}
+			return
+		}
+	}
+	t.Fatalf("no node %s", host)
+}
+
 // fullMap reads a stream's full map.
 func fullMap(t *testing.T, s *testclient.Stream) *tailcfg.MapResponse {
 	t.Helper()
@@ -127,6 +143,9 @@ func pairWithStream(t *testing.T) (ts *testServer, k string, sa *testclient.Stre
 	k = ts.key(t, true)
 	a := join(t, ts, k, "a")
 	join(t, ts, k, "b")
+	// a's map must hold b: wait until the fan-out has published b (a
+	// registration is acknowledged before its coalescing window ends).
+	ts.waitPublished(t, "b")
 	sa, err := a.Map(context.Background())
 	if err != nil {
 		t.Fatal(err)
