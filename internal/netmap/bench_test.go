@@ -192,8 +192,7 @@ var benchRealAttach = flag.Bool("netmap.realattach", false, "attach every benchm
 // without the session (fields as set by fullPartsLocked).
 func (e *Engine) quietSessState(id uint64) *sessState {
 	n := e.nodes[id]
-	ce := e.classEncLocked(id)
-	return &sessState{self: n, selfJSON: e.selfJSONLocked(n), filter: ce.filter, ssh: ce.ssh}
+	return &sessState{self: n, selfJSON: e.selfJSONLocked(n), filterSum: e.filterLocked(id).sum, ssh: e.classEncLocked(id).ssh}
 }
 
 // attachQuiet registers s as Attach does, as if its full map had been

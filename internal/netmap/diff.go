@@ -74,9 +74,11 @@ func (d *update) result() *session.Update {
 	return u
 }
 
-// filterAndSelf adds the session's own node, filter and SSH policy if they
-// changed.
-func (e *Engine) filterAndSelf(ss *sessState, d *update, filters bool) {
+// filterAndSelf adds the session's own node, and its filter and SSH policy
+// if filters is set and they changed. After joins added without
+// recompiling (b.addedTo), only the filter chunks the joins changed are
+// sent, to sessions of the classes they changed.
+func (e *Engine) filterAndSelf(ss *sessState, b *batch, d *update, filters bool) {
 	n := e.nodes[ss.s.NodeID]
 	if n == nil {
 		return
@@ -85,11 +87,25 @@ func (e *Engine) filterAndSelf(ss *sessState, d *update, filters bool) {
 	if !filters {
 		return
 	}
-	ce := e.classEncLocked(n.ID)
-	if !bytes.Equal(ce.filter, ss.filter) {
-		d.u.PacketFilters = map[string]json.RawMessage{"*": nil, "base": ce.filter}
+	if b.addedTo != nil {
+		if !b.addedTo[e.compiled.ClassOf(n.ID)] {
+			return
+		}
+		if chs := e.compiled.FilterChunks(n.ID, true); len(chs) > 0 {
+			d.u.PacketFilters = make(map[string]json.RawMessage, len(chs))
+			for _, ch := range chs {
+				d.u.PacketFilters[ch.Name] = e.filterEnc.encode(ch.Rules)
+			}
+			ss.filterSum = 0
+			if ce := e.classEncLocked(n.ID); ce.shared {
+				ss.filterSum = e.filterLocked(n.ID).sum
+			}
+		}
+	} else if f := e.filterLocked(n.ID); f.sum != ss.filterSum {
+		d.u.PacketFilters = f.chunks
+		ss.filterSum = f.sum
 	}
-	ss.filter = ce.filter
+	ce := e.classEncLocked(n.ID)
 	if !bytes.Equal(ce.ssh, ss.ssh) {
 		d.u.SSHPolicy = ce.ssh
 	}
@@ -118,7 +134,7 @@ func (e *Engine) selfChangeLocked(ss *sessState, n *state.Node) json.RawMessage 
 func (e *Engine) diffBatchLocked(ss *sessState, b *batch, membership bool) *session.Update {
 	var d update
 	me := ss.s.NodeID
-	e.filterAndSelf(ss, &d, membership)
+	e.filterAndSelf(ss, b, &d, membership)
 	for _, id := range b.added {
 		if p, ok := e.compiled.PeerView(me, id); ok {
 			pn := e.nodes[id]
@@ -256,7 +272,7 @@ func (c *cursor) next() {
 func (e *Engine) diffAllLocked(ss *sessState, b *batch, oldV, newV *classViews) *session.Update {
 	var d update
 	me := ss.s.NodeID
-	e.filterAndSelf(ss, &d, true)
+	e.filterAndSelf(ss, b, &d, true)
 	if len(b.prev) == 0 && b.sameView(me) {
 		// A policy or user change that left this class's view as it was:
 		// only the filter and SSH policy can differ.

@@ -99,9 +99,9 @@ func (e *Engine) sweepChunksLocked() {
 // (self node, first peer), shared chunks of further peers, and a trailer.
 // It records what the session was sent.
 func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
-	ce := e.classEncLocked(n.ID)
+	ce, f := e.classEncLocked(n.ID), e.filterLocked(n.ID)
 	self := e.selfJSONLocked(n)
-	ss.self, ss.selfJSON, ss.filter, ss.ssh = n, self, ce.filter, ce.ssh
+	ss.self, ss.selfJSON, ss.filterSum, ss.ssh = n, self, f.sum, ce.ssh
 	prof := profileSet{}
 	prof.add(e, ownerID(n))
 
@@ -143,7 +143,7 @@ func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
 	head.Raw("DNSConfig", e.dnsJSON)
 	head.Value("Domain", e.static.BaseDomain)
 	head.Value("CollectServices", opt.False)
-	head.Raw("PacketFilters", append(append([]byte(`{"*":null,"base":`), ce.filter...), '}'))
+	head.Raw("PacketFilters", f.obj)
 	head.Value("UserProfiles", prof.list)
 	head.Raw("SSHPolicy", ce.ssh)
 	head.Value("ControlTime", time.Now().UTC())
