@@ -331,6 +331,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		ssh       json.RawMessage
 	}
 	memo := map[classKey]memoEntry{}
+	concerns := map[int]bool{}
 	for id, ss := range e.sessions {
 		var u *session.Update
 		switch {
@@ -345,6 +346,13 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 				// first one's comparison stands for all.
 				u = m.u
 				ss.filterSum, ss.ssh = m.filterSum, m.ssh
+			} else if !e.concernsLocked(id, b, membership, concerns) {
+				// Nothing in the batch is visible to this session's
+				// class and its filter did not change: a class lookup
+				// instead of a diff per session (a tag joining 10,000
+				// nodes of which 20 see it cost 7.4 ms; see
+				// BenchmarkAddNodeTo10k).
+				continue
 			} else {
 				u = e.diffBatchLocked(ss, b, membership)
 				if u != nil {
@@ -364,6 +372,24 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		}
 	}
 	metrics.DeltaSeconds.Observe(time.Since(start).Seconds())
+}
+
+// concernsLocked reports whether an incremental batch can change anything
+// for session id: its class's filter or SSH policy changed, or the class
+// sees a node the batch added, changed or removed. Visibility is per
+// class, so the answer is memoized per class in memo.
+func (e *Engine) concernsLocked(id uint64, b *batch, membership bool, memo map[int]bool) bool {
+	cl := e.compiled.ClassOf(id)
+	if v, ok := memo[cl]; ok {
+		return v
+	}
+	v := (membership && b.addedTo == nil) || b.addedTo[cl] // recompiled: any filter may differ
+	sees := func(c *policy.Compiled, ids []uint64) bool {
+		return slices.ContainsFunc(ids, func(p uint64) bool { _, ok := c.PeerView(id, p); return ok })
+	}
+	v = v || sees(e.compiled, b.added) || sees(e.compiled, b.soft) || (b.prevCompiled != nil && sees(b.prevCompiled, b.removed))
+	memo[cl] = v
+	return v
 }
 
 // hasRoutes reports whether a node carries routes: adding or removing a
