@@ -75,9 +75,7 @@ func (d *update) result() *session.Update {
 }
 
 // filterAndSelf adds the session's own node, and its filter and SSH policy
-// if filters is set and they changed. After joins added without
-// recompiling (b.addedTo), only the filter chunks the joins changed are
-// sent, to sessions of the classes they changed.
+// if filters is set and they changed.
 func (e *Engine) filterAndSelf(ss *sessState, b *batch, d *update, filters bool) {
 	n := e.nodes[ss.s.NodeID]
 	if n == nil {
@@ -87,29 +85,45 @@ func (e *Engine) filterAndSelf(ss *sessState, b *batch, d *update, filters bool)
 	if !filters {
 		return
 	}
-	if b.addedTo != nil {
-		if !b.addedTo[e.compiled.ClassOf(n.ID)] {
-			return
-		}
-		if chs := e.compiled.FilterChunks(n.ID, true); len(chs) > 0 {
-			d.u.PacketFilters = make(map[string]json.RawMessage, len(chs))
-			for _, ch := range chs {
-				d.u.PacketFilters[ch.Name] = e.filterEnc.encode(ch.Rules)
-			}
-			ss.filterSum = 0
-			if ce := e.classEncLocked(n.ID); ce.shared {
-				ss.filterSum = e.filterLocked(n.ID).sum
-			}
-		}
-	} else if f := e.filterLocked(n.ID); f.sum != ss.filterSum {
-		d.u.PacketFilters = f.chunks
-		ss.filterSum = f.sum
-	}
+	d.u.PacketFilters = e.filterDeltaLocked(ss, b)
 	ce := e.classEncLocked(n.ID)
 	if !bytes.Equal(ce.ssh, ss.ssh) {
 		d.u.SSHPolicy = ce.ssh
 	}
 	ss.ssh = ce.ssh
+}
+
+// filterDeltaLocked returns the filter chunks session ss must receive, or
+// nil. After joins added without recompiling (b.addedTo), those are the
+// chunks the joins changed, for sessions of the classes they changed;
+// otherwise the whole filter with the "*" reset, when its hash differs
+// from the one the session holds.
+func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string]json.RawMessage {
+	id := ss.s.NodeID
+	if b.addedTo == nil {
+		f := e.filterLocked(id)
+		if f.sum == ss.filterSum {
+			return nil
+		}
+		ss.filterSum = f.sum
+		return f.chunks
+	}
+	if !b.addedTo[e.compiled.ClassOf(id)] {
+		return nil
+	}
+	chs := e.compiled.FilterChunks(id, true)
+	if len(chs) == 0 {
+		return nil
+	}
+	pf := make(map[string]json.RawMessage, len(chs))
+	for _, ch := range chs {
+		pf[ch.Name] = e.filterEnc.encode(ch.Rules)
+	}
+	ss.filterSum = 0
+	if e.classEncLocked(id).shared {
+		ss.filterSum = e.filterLocked(id).sum
+	}
+	return pf
 }
 
 // selfChangeLocked returns the session's own node if what it would see of
@@ -133,8 +147,16 @@ func (e *Engine) selfChangeLocked(ss *sessState, n *state.Node) json.RawMessage 
 // one class lookup per changed node.
 func (e *Engine) diffBatchLocked(ss *sessState, b *batch, membership bool) *session.Update {
 	var d update
-	me := ss.s.NodeID
 	e.filterAndSelf(ss, b, &d, membership)
+	e.batchPeersLocked(ss, b, &d)
+	return d.result()
+}
+
+// batchPeersLocked adds what session ss must learn of the batch's nodes:
+// joined ones it sees, left ones it saw, and patches or new encodings of
+// changed ones.
+func (e *Engine) batchPeersLocked(ss *sessState, b *batch, d *update) {
+	me := ss.s.NodeID
 	for _, id := range b.added {
 		if p, ok := e.compiled.PeerView(me, id); ok {
 			pn := e.nodes[id]
@@ -160,7 +182,6 @@ func (e *Engine) diffBatchLocked(ss *sessState, b *batch, membership bool) *sess
 		old, cur := b.prev[id], e.nodes[id]
 		d.peer(e, b, old, cur, e.peerJSON(old, p.AllowedIPs, p.PrimaryRoutes), e.peerJSON(cur, p.AllowedIPs, p.PrimaryRoutes))
 	}
-	return d.result()
 }
 
 // sameView reports whether node v's class sees exactly the same peers,

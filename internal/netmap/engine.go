@@ -6,6 +6,7 @@
 package netmap
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"hash/maphash"
@@ -78,13 +79,6 @@ type Engine struct {
 	filterEnc *filterEncoder
 	// filterSeed seeds the hashes by which sessions remember their filter.
 	filterSeed maphash.Seed
-}
-
-// classKey names a cached filter encoding: a class, or one node of a class
-// whose filter names the node's own addresses.
-type classKey struct {
-	class int
-	node  uint64
 }
 
 // classEnc caches what all nodes of one identity class share: the SSH
@@ -323,46 +317,47 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		oldViews, newViews = newClassViews(b.prevCompiled), newClassViews(e.compiled)
 	}
 	// In an incremental batch, sessions of one class whose own node did
-	// not change get the same delta: compute it once, and let them share
-	// its encoding and compression.
-	type memoEntry struct {
-		u         *session.Update
-		filterSum uint64
-		ssh       json.RawMessage
-	}
-	memo := map[classKey]memoEntry{}
-	concerns := map[int]bool{}
+	// not change get the same delta: compute it once per class, and let
+	// them share its encoding and compression. A filter that names each
+	// node's own addresses follows as a second, per-session message.
+	memo := map[int]classDelta{}
 	for id, ss := range e.sessions {
-		var u *session.Update
 		switch {
 		case b.full:
-			u = e.diffAllLocked(ss, b, oldViews, newViews)
+			if u := e.diffAllLocked(ss, b, oldViews, newViews); u != nil {
+				ss.s.Push(u)
+			}
+			continue
 		case b.touches(id):
-			u = e.diffBatchLocked(ss, b, membership)
-		default:
-			k := e.classKeyLocked(id)
-			if m, ok := memo[k]; ok {
-				// Sessions of one class hold the same filter, so the
-				// first one's comparison stands for all.
-				u = m.u
-				ss.filterSum, ss.ssh = m.filterSum, m.ssh
-			} else if !e.concernsLocked(id, b, membership, concerns) {
-				// Nothing in the batch is visible to this session's
-				// class and its filter did not change: a class lookup
-				// instead of a diff per session (a tag joining 10,000
-				// nodes of which 20 see it cost 7.4 ms; see
-				// BenchmarkAddNodeTo10k).
-				continue
-			} else {
-				u = e.diffBatchLocked(ss, b, membership)
-				if u != nil {
-					u.Shared = new(session.Encoded)
-				}
-				memo[k] = memoEntry{u: u, filterSum: ss.filterSum, ssh: ss.ssh}
+			if u := e.diffBatchLocked(ss, b, membership); u != nil {
+				ss.s.Push(u)
+			}
+			continue
+		}
+		cl := e.compiled.ClassOf(id)
+		m, ok := memo[cl]
+		if !ok {
+			m = e.classDeltaLocked(ss, b, membership)
+			memo[cl] = m
+		} else if !m.skip && membership {
+			// Sessions of one class hold the same SSH policy (and
+			// filter, when shared), so the first one's comparison
+			// stands for all.
+			ss.ssh = m.ssh
+			if m.sharedFilter {
+				ss.filterSum = m.filterSum
 			}
 		}
-		if u != nil {
-			ss.s.Push(u)
+		if m.skip {
+			continue
+		}
+		if m.u != nil {
+			ss.s.Push(m.u)
+		}
+		if membership && !m.sharedFilter {
+			if pf := e.filterDeltaLocked(ss, b); pf != nil {
+				ss.s.Push(&session.Update{PacketFilters: pf})
+			}
 		}
 	}
 	// Encodings of versions no session holds any more are dropped.
@@ -374,22 +369,61 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	metrics.DeltaSeconds.Observe(time.Since(start).Seconds())
 }
 
+// classDelta is the part of an incremental batch that every session of
+// one class receives alike.
+type classDelta struct {
+	// skip: the batch concerns nothing the class sees or holds.
+	skip bool
+	u    *session.Update
+	// sharedFilter: the class's filter is the same for all its members,
+	// so its change (and the hash sessions keep) is part of u.
+	sharedFilter bool
+	filterSum    uint64
+	ssh          json.RawMessage
+}
+
+// classDeltaLocked computes the class-wide part of an incremental batch
+// for the class of session ss, which did not change itself.
+func (e *Engine) classDeltaLocked(ss *sessState, b *batch, membership bool) classDelta {
+	id := ss.s.NodeID
+	if !e.concernsLocked(id, b, membership) {
+		// A class lookup instead of a diff per session: a tag joining
+		// 10,000 nodes of which 20 see it cost 7.4 ms (see
+		// BenchmarkAddNodeTo10k).
+		return classDelta{skip: true}
+	}
+	var m classDelta
+	var d update
+	if membership {
+		ce := e.classEncLocked(id)
+		if !bytes.Equal(ce.ssh, ss.ssh) {
+			d.u.SSHPolicy = ce.ssh
+		}
+		ss.ssh, m.ssh = ce.ssh, ce.ssh
+		if ce.shared {
+			m.sharedFilter = true
+			d.u.PacketFilters = e.filterDeltaLocked(ss, b)
+			m.filterSum = ss.filterSum
+		}
+	}
+	e.batchPeersLocked(ss, b, &d)
+	if m.u = d.result(); m.u != nil {
+		m.u.Shared = new(session.Encoded)
+	}
+	return m
+}
+
 // concernsLocked reports whether an incremental batch can change anything
 // for session id: its class's filter or SSH policy changed, or the class
-// sees a node the batch added, changed or removed. Visibility is per
-// class, so the answer is memoized per class in memo.
-func (e *Engine) concernsLocked(id uint64, b *batch, membership bool, memo map[int]bool) bool {
-	cl := e.compiled.ClassOf(id)
-	if v, ok := memo[cl]; ok {
-		return v
+// sees a node the batch added, changed or removed.
+func (e *Engine) concernsLocked(id uint64, b *batch, membership bool) bool {
+	if (membership && b.addedTo == nil) || b.addedTo[e.compiled.ClassOf(id)] {
+		return true // recompiled (any filter may differ), or AddNodes says so
 	}
-	v := (membership && b.addedTo == nil) || b.addedTo[cl] // recompiled: any filter may differ
 	sees := func(c *policy.Compiled, ids []uint64) bool {
 		return slices.ContainsFunc(ids, func(p uint64) bool { _, ok := c.PeerView(id, p); return ok })
 	}
-	v = v || sees(e.compiled, b.added) || sees(e.compiled, b.soft) || (b.prevCompiled != nil && sees(b.prevCompiled, b.removed))
-	memo[cl] = v
-	return v
+	return sees(e.compiled, b.added) || sees(e.compiled, b.soft) || (b.prevCompiled != nil && sees(b.prevCompiled, b.removed))
 }
 
 // hasRoutes reports whether a node carries routes: adding or removing a
@@ -467,16 +501,6 @@ func (e *Engine) addNodesLocked(ids []uint64) map[int]bool {
 	// Source lists changed: their cached escapes would only leak.
 	e.filterEnc = newFilterEncoder()
 	return dirty
-}
-
-// classKeyLocked names what node shares its filter with: its class, or
-// itself when its filter names its own addresses.
-func (e *Engine) classKeyLocked(nodeID uint64) classKey {
-	k := classKey{class: e.compiled.ClassOf(nodeID)}
-	if !e.classEncLocked(nodeID).shared {
-		k.node = nodeID
-	}
-	return k
 }
 
 // classEncLocked returns the encodings the node's class shares, computing

@@ -159,8 +159,9 @@ type Session struct {
 
 	mu      sync.Mutex
 	pending Update
-	// shared is set while pending is exactly one update that other
-	// sessions also received: pending's maps are then not ours to modify.
+	// shared is an update other sessions also received, not ours to
+	// modify; it is sent before pending, which then holds only what was
+	// pushed after it (the session's own part of a batch).
 	shared    *Update
 	awaitFull bool // nothing is sent until the full map is pushed
 	wake      chan struct{}
@@ -180,11 +181,18 @@ func (s *Session) Push(u *Update) {
 	switch {
 	case s.pending.empty() && s.shared == nil && u.Shared != nil:
 		s.shared = u
+	case s.shared != nil && s.pending.empty() && u.Shared == nil && u.Full == nil:
+		// The session's own part of a batch whose shared part is
+		// pending: kept apart, so the shared encoding stays shared.
+		s.pending.merge(u)
 	default:
 		if s.shared != nil {
-			// Copy the shared update before merging into it.
-			s.pending.merge(s.shared)
-			s.shared = nil
+			// Copy the shared update, then what followed it, before
+			// merging into it.
+			var all Update
+			all.merge(s.shared)
+			all.merge(&s.pending)
+			s.pending, s.shared = all, nil
 		}
 		if !s.pending.empty() {
 			metrics.QueueMerges.Inc()
@@ -273,7 +281,6 @@ func (s *Session) Run(ctx context.Context, w Writer) error {
 				if err := s.writeEncoded(w, msg, "delta"); err != nil {
 					return err
 				}
-				break
 			}
 			if u.Full != nil {
 				if err := s.writeEncoded(w, JoinParts(u.Full, s.compress), "full"); err != nil {

@@ -169,3 +169,45 @@ func TestFullMapPartsDecodeAsOneMessage(t *testing.T) {
 		t.Fatal("chunk frame not spliced")
 	}
 }
+
+// TestOwnPartFollowsSharedPart: a session's own part of a batch (its
+// filter chunks) pushed after the batch's shared part is sent as a second
+// message, so the shared one is still encoded once for every session; a
+// later shared update folds all three in order, newest winning.
+func TestOwnPartFollowsSharedPart(t *testing.T) {
+	shared := &Update{PeersChanged: map[uint64]json.RawMessage{1: peer(1)}, Shared: new(Encoded)}
+	own := func(v string) *Update {
+		return &Update{PacketFilters: map[string]json.RawMessage{"0000001": json.RawMessage(`[{"SrcIPs":["` + v + `"]}]`)}}
+	}
+	a, b := New(10, false), New(11, false)
+	a.Push(shared)
+	a.Push(own("100.64.0.1"))
+	b.Push(shared)
+	b.Push(own("100.64.0.2"))
+	fa, fb := run(t, a), run(t, b)
+	fa.wait(t, 2)
+	fb.wait(t, 2)
+	for _, f := range []*frames{fa, fb} {
+		ms := f.messages(t)
+		if len(ms) != 2 || len(ms[0].PeersChanged) != 1 || ms[0].PacketFilters != nil || len(ms[1].PacketFilters["0000001"]) != 1 {
+			t.Fatalf("want the shared delta, then the own filter chunk: %+v", ms)
+		}
+	}
+	if got := fb.messages(t)[1].PacketFilters["0000001"][0].SrcIPs[0]; got != "100.64.0.2" {
+		t.Fatalf("b's own chunk: %s", got)
+	}
+
+	c := New(12, false)
+	c.Push(shared)
+	c.Push(own("100.64.0.3"))
+	c.Push(&Update{PeersChanged: map[uint64]json.RawMessage{2: peer(2)}, PacketFilters: own("100.64.0.4").PacketFilters, Shared: new(Encoded)})
+	fc := run(t, c)
+	fc.wait(t, 1)
+	ms := fc.messages(t)
+	if len(ms) != 1 || len(ms[0].PeersChanged) != 2 || ms[0].PacketFilters["0000001"][0].SrcIPs[0] != "100.64.0.4" {
+		t.Fatalf("want one merged message with both peers and the newest chunk: %+v", ms)
+	}
+	if len(shared.PeersChanged) != 1 {
+		t.Fatalf("shared update modified by a merge: %d peers", len(shared.PeersChanged))
+	}
+}
