@@ -44,6 +44,9 @@ type Config struct {
 	// EphemeralTimeout is how long an ephemeral node may stay disconnected
 	// before it is deleted.
 	EphemeralTimeout time.Duration `yaml:"ephemeral_timeout"`
+	// OfflineGrace is how long a node whose map stream ended still counts
+	// as online; 0 marks it offline at once.
+	OfflineGrace time.Duration `yaml:"offline_grace"`
 
 	// MetricsListen serves Prometheus metrics at /metrics; empty disables.
 	MetricsListen string `yaml:"metrics_listen"`
@@ -127,6 +130,7 @@ func Default() Config {
 		DNS:              DNSConfig{MagicDNS: true, BaseDomain: "tailnet.internal"},
 		Policy:           PolicyConfig{Mode: "database"},
 		EphemeralTimeout: 5 * time.Minute,
+		OfflineGrace:     10 * time.Second,
 		LogLevel:         "info",
 		LogFormat:        "text",
 	}
@@ -205,6 +209,9 @@ func (c *Config) Finish() error {
 	}
 	if c.DNS.BaseDomain == "" || strings.HasPrefix(c.DNS.BaseDomain, ".") || strings.HasSuffix(c.DNS.BaseDomain, ".") {
 		return fmt.Errorf("config: dns.base_domain %q must be a domain like tailnet.internal", c.DNS.BaseDomain)
+	}
+	if c.OfflineGrace < 0 {
+		return errors.New("config: offline_grace must not be negative")
 	}
 	if c.EphemeralTimeout <= 0 {
 		return errors.New("config: ephemeral_timeout must be positive")

@@ -48,6 +48,11 @@ type Options struct {
 	// EphemeralTimeout is how long an ephemeral node may be disconnected
 	// before it is deleted.
 	EphemeralTimeout time.Duration
+	// OfflineGrace is how long a node whose map stream ended still counts
+	// as online: a client reconnecting within it never appears offline,
+	// so a reconnect storm changes no peer's view (each flap reached every
+	// peer and re-encoded the node in every full map).
+	OfflineGrace time.Duration
 	// DERP serves /derp when non-nil.
 	DERP http.Handler
 }
@@ -61,9 +66,12 @@ type Server struct {
 	mux      *http.ServeMux
 	h2mux    *http.ServeMux
 	ephTO    time.Duration
+	offGrace time.Duration
 
 	ephMu     sync.Mutex
 	ephTimers map[uint64]*time.Timer
+	// offTimers mark nodes offline when their grace has passed.
+	offTimers map[uint64]*time.Timer
 }
 
 // New returns the protocol handler.
@@ -71,6 +79,7 @@ func New(o Options) *Server {
 	s := &Server{
 		st: o.State, eng: o.Engine, noiseKey: o.NoiseKey, log: o.Logger,
 		ephTO: o.EphemeralTimeout, ephTimers: map[uint64]*time.Timer{},
+		offGrace: o.OfflineGrace, offTimers: map[uint64]*time.Timer{},
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -298,12 +307,13 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, nodeID uint64, c
 		return
 	}
 	s.cancelEphemeralExpiry(nodeID)
+	s.cancelOffline(nodeID)
 	s.st.SetOnline(nodeID, true)
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.WriteHeader(http.StatusOK)
 	err := sess.Run(r.Context(), flushWriter{w, http.NewResponseController(w)})
 	if s.eng.Detach(sess) {
-		s.st.SetOnline(nodeID, false)
+		s.scheduleOffline(nodeID)
 		s.scheduleEphemeralExpiry(nodeID)
 	}
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, session.ErrClosed) {
@@ -353,7 +363,7 @@ func (s *Server) scheduleEphemeralExpiry(id uint64) {
 		s.ephMu.Lock()
 		delete(s.ephTimers, id)
 		s.ephMu.Unlock()
-		if n := s.st.Node(id); n == nil || n.Online {
+		if n := s.st.Node(id); n == nil || s.eng.Connected(id) {
 			return
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
@@ -364,6 +374,37 @@ func (s *Server) scheduleEphemeralExpiry(id uint64) {
 		}
 		s.log.Info("deleted disconnected ephemeral node", "node", id)
 	})
+}
+
+// scheduleOffline marks a node whose stream ended offline once the grace
+// has passed without a new stream.
+func (s *Server) scheduleOffline(id uint64) {
+	if s.offGrace <= 0 {
+		s.st.SetOnline(id, false)
+		return
+	}
+	s.ephMu.Lock()
+	defer s.ephMu.Unlock()
+	if t := s.offTimers[id]; t != nil {
+		t.Stop()
+	}
+	s.offTimers[id] = time.AfterFunc(s.offGrace, func() {
+		s.ephMu.Lock()
+		delete(s.offTimers, id)
+		s.ephMu.Unlock()
+		if !s.eng.Connected(id) {
+			s.st.SetOnline(id, false)
+		}
+	})
+}
+
+func (s *Server) cancelOffline(id uint64) {
+	s.ephMu.Lock()
+	defer s.ephMu.Unlock()
+	if t := s.offTimers[id]; t != nil {
+		t.Stop()
+		delete(s.offTimers, id)
+	}
 }
 
 func (s *Server) cancelEphemeralExpiry(id uint64) {

@@ -39,7 +39,7 @@ func newTestServer(t *testing.T) *testServer {
 
 // newTestServerAt runs a server over the database at path, as after a
 // restart when the path already holds a tailnet.
-func newTestServerAt(t *testing.T, path string, noise key.MachinePrivate) *testServer {
+func newTestServerAt(t *testing.T, path string, noise key.MachinePrivate, opts ...func(*Options)) *testServer {
 	t.Helper()
 	db, err := sqlite.Open(path)
 	if err != nil {
@@ -54,7 +54,11 @@ func newTestServerAt(t *testing.T, path string, noise key.MachinePrivate) *testS
 	ctx, cancel := context.WithCancel(context.Background())
 	eng := netmap.New(netmap.Options{State: st, Static: netmap.Static{BaseDomain: "ts.test", DERPMap: &tailcfg.DERPMap{}}, Window: 2 * time.Millisecond})
 	go eng.Run(ctx)
-	srv := New(Options{State: st, Engine: eng, NoiseKey: noise, EphemeralTimeout: time.Second})
+	o := Options{State: st, Engine: eng, NoiseKey: noise, EphemeralTimeout: time.Second}
+	for _, f := range opts {
+		f(&o)
+	}
+	srv := New(o)
 	hs := httptest.NewServer(srv)
 	ts := &testServer{url: hs.URL, st: st, eng: eng}
 	ts.stop = func() {
@@ -152,6 +156,64 @@ func pairWithStream(t *testing.T) (ts *testServer, k string, sa *testclient.Stre
 	}
 	t.Cleanup(sa.Close)
 	return ts, k, sa, fullMap(t, sa)
+}
+
+// TestOfflineGrace: a node whose stream ends and comes back within the
+// grace never appears offline to its peers; one that stays away is marked
+// offline when the grace has passed.
+func TestOfflineGrace(t *testing.T) {
+	const grace = 500 * time.Millisecond
+	ts := newTestServerAt(t, filepath.Join(t.TempDir(), "tp.db"), key.NewMachine(), func(o *Options) { o.OfflineGrace = grace })
+	k := ts.key(t, true)
+	a, b := join(t, ts, k, "a"), join(t, ts, k, "b")
+	ts.waitPublished(t, "b")
+	sa, err := a.Map(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sa.Close)
+	fullMap(t, sa)
+	sb, err := b.Map(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fullMap(t, sb)
+	if m, err := sa.Next(5 * time.Second); err != nil || len(m.PeersChangedPatch) != 1 || !*m.PeersChangedPatch[0].Online {
+		t.Fatalf("want b's online patch: %+v %v", m, err)
+	}
+	bid := ts.st.NodeByKey(b.Node.Public()).ID
+
+	// b's stream drops and b reconnects at once, then goes away for good.
+	sb.Close()
+	waitFor(t, func() bool { return !ts.eng.Connected(bid) })
+	if sb, err = b.Map(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	fullMap(t, sb)
+	sb.Close()
+	start := time.Now()
+	// The next thing a hears is b going offline, a grace after b left:
+	// the reconnect itself sent nothing.
+	m, err := sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.PeersChangedPatch) != 1 || m.PeersChangedPatch[0].Online == nil || *m.PeersChangedPatch[0].Online {
+		t.Fatalf("want b's offline patch, got %+v", m)
+	}
+	if since := time.Since(start); since < grace-50*time.Millisecond {
+		t.Fatalf("a heard of b %v after b left, before the grace (%v): the reconnect flapped", since, grace)
+	}
+}
+
+// waitFor polls cond for up to 5 s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached in 5 s")
+		}
+	}
 }
 
 func TestFullMapThenDeltas(t *testing.T) {

@@ -585,6 +585,13 @@ func (e *Engine) Detach(s *session.Session) bool {
 	return true
 }
 
+// Connected reports whether the node has an open map stream.
+func (e *Engine) Connected(nodeID uint64) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.sessions[nodeID] != nil
+}
+
 // FullMap builds a one-shot map for a non-streaming request.
 func (e *Engine) FullMap(nodeID uint64) ([]byte, bool) {
 	e.catchUp(nodeID)

@@ -158,7 +158,7 @@ func Run(parent context.Context, cfg config.Config) error {
 	eng := netmap.New(netmap.Options{State: st, Static: static, Logger: log})
 	go eng.Run(ctx)
 
-	ctlOpts := control.Options{State: st, Engine: eng, NoiseKey: noiseKey, Logger: log, EphemeralTimeout: cfg.EphemeralTimeout}
+	ctlOpts := control.Options{State: st, Engine: eng, NoiseKey: noiseKey, Logger: log, EphemeralTimeout: cfg.EphemeralTimeout, OfflineGrace: cfg.OfflineGrace}
 	if derpSrv != nil {
 		ctlOpts.DERP = derpSrv.Handler()
 	}
