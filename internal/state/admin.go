@@ -352,6 +352,15 @@ func (s *State) UpdateFromClient(id uint64, u ClientUpdate) {
 		s.mu.Unlock()
 		return
 	}
+	if (u.Endpoints == nil || slices.Equal(u.Endpoints, old.Endpoints)) &&
+		(u.DiscoKey.IsZero() || u.DiscoKey == old.DiscoKey) &&
+		(u.Hostinfo == nil || u.Hostinfo.Equal(old.Hostinfo)) {
+		// Clients repeat these on every reconnect and periodically: a new
+		// version of an unchanged node would still re-encode it for every
+		// peer and invalidate the full-map chunk holding it.
+		s.mu.Unlock()
+		return
+	}
 	n := old.clone()
 	if u.Endpoints != nil {
 		n.Endpoints = u.Endpoints

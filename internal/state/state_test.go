@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -307,5 +308,41 @@ func TestDNSLabel(t *testing.T) {
 		if got := dnsLabel(in); got != want {
 			t.Errorf("dnsLabel(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestRepeatedClientUpdateIsNoChange: a client repeating its endpoints,
+// disco key and Hostinfo (as on every reconnect) makes no new node version.
+func TestRepeatedClientUpdateIsNoChange(t *testing.T) {
+	ctx := context.Background()
+	s := newState(t, openStore(t, t.TempDir()))
+	defer s.Close()
+	if _, err := s.CreateUser(ctx, "alice", ""); err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.Register(ctx, params(mustKey(t, s, KeyParams{User: "alice"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.Node.ID
+	u := ClientUpdate{
+		Hostinfo:  &tailcfg.Hostinfo{Hostname: "box", OS: "linux"},
+		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")},
+		DiscoKey:  key.NewDisco().Public(),
+	}
+	s.UpdateFromClient(id, u)
+	v1 := s.Node(id)
+	if !slices.Equal(v1.Endpoints, u.Endpoints) || v1.DiscoKey != u.DiscoKey || v1.Hostinfo.OS != "linux" {
+		t.Fatalf("update not applied: %+v", v1)
+	}
+	again := ClientUpdate{Hostinfo: u.Hostinfo.Clone(), Endpoints: slices.Clone(u.Endpoints), DiscoKey: u.DiscoKey}
+	s.UpdateFromClient(id, again)
+	if s.Node(id) != v1 {
+		t.Fatal("an identical update made a new node version")
+	}
+	again.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("192.0.2.2:41641")}
+	s.UpdateFromClient(id, again)
+	if v := s.Node(id); v == v1 || v.Endpoints[0] != again.Endpoints[0] {
+		t.Fatalf("a changed endpoint was not applied: %+v", v)
 	}
 }
