@@ -75,6 +75,10 @@ type Engine struct {
 	chunks map[uint64][]*chunkEntry
 	// classPeers caches each class's peer list for the current compilation.
 	classPeers map[int][]policy.Peer
+	// classFull caches each class's full-map peers; viewGen counts the
+	// batches that changed a node or the compilation, which invalidate it.
+	classFull map[int]*classFull
+	viewGen   uint64
 	// filterEnc encodes filters, caching shared source lists per compilation.
 	filterEnc *filterEncoder
 	// filterSeed seeds the hashes by which sessions remember their filter.
@@ -129,7 +133,7 @@ func New(opts Options) *Engine {
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
 		enc: map[*state.Node]*peerEnc{}, classEnc: map[int]*classEnc{}, batchDone: make(chan struct{}),
-		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, filterEnc: newFilterEncoder(), filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
+		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, filterEnc: newFilterEncoder(), filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -310,6 +314,9 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		e.recompileLocked()
 	case len(b.added) > 0:
 		b.addedTo = e.addNodesLocked(b.added)
+	}
+	if len(b.prev) > 0 || b.full {
+		e.viewGen++ // encodings or views changed: cached full-map peers are stale
 	}
 	b.newCompiled, b.same = e.compiled, map[[2]int]bool{}
 	var oldViews, newViews *classViews
