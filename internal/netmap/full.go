@@ -117,7 +117,7 @@ func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
 	cf := e.classFullLocked(n.ID)
 	var first *policy.Peer
 	for i := range cf.peers {
-		if p := &cf.peers[i]; p.ID != n.ID {
+		if p := &cf.peers[i]; p.ID != n.ID && e.nodes[p.ID] != nil {
 			first = p
 			break
 		}
@@ -181,14 +181,15 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 	cl := e.compiled.ClassOf(nodeID)
 	cf := e.classFull[cl]
 	if cf == nil || cf.gen != e.viewGen {
-		cf = &classFull{gen: e.viewGen}
+		// The peer list is the class's cached one, not a copy: at
+		// thousands of classes a copy each took gigabytes.
+		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
 		var seen profileSet
-		for _, p := range e.classPeersLocked(nodeID) {
+		for _, p := range cf.peers {
 			pn := e.nodes[p.ID]
 			if pn == nil {
 				continue
 			}
-			cf.peers = append(cf.peers, p)
 			if uid := ownerID(pn); !seen.seen[uid] {
 				seen.add(e, uid)
 				cf.owners = append(cf.owners, uid)
@@ -214,8 +215,8 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 func (e *Engine) spanChunkLocked(peers []policy.Peer, skip1, skip2 uint64) *session.Chunk {
 	encs := make([]*encoded, 0, len(peers))
 	for _, p := range peers {
-		if p.ID != skip1 && p.ID != skip2 {
-			encs = append(encs, e.peerJSON(e.nodes[p.ID], p.AllowedIPs, p.PrimaryRoutes))
+		if pn := e.nodes[p.ID]; pn != nil && p.ID != skip1 && p.ID != skip2 {
+			encs = append(encs, e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes))
 		}
 	}
 	return e.chunkLocked(encs)
