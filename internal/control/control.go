@@ -68,9 +68,10 @@ type Server struct {
 	ephTO    time.Duration
 	offGrace time.Duration
 
-	ephMu     sync.Mutex
+	// timerMu guards the per-node timers: ephemeral expiry, and marking
+	// nodes offline when their grace has passed.
+	timerMu   sync.Mutex
 	ephTimers map[uint64]*time.Timer
-	// offTimers mark nodes offline when their grace has passed.
 	offTimers map[uint64]*time.Timer
 }
 
@@ -354,15 +355,7 @@ func (s *Server) scheduleEphemeralExpiry(id uint64) {
 	if n == nil || !n.Ephemeral {
 		return
 	}
-	s.ephMu.Lock()
-	defer s.ephMu.Unlock()
-	if t := s.ephTimers[id]; t != nil {
-		t.Stop()
-	}
-	s.ephTimers[id] = time.AfterFunc(s.ephTO, func() {
-		s.ephMu.Lock()
-		delete(s.ephTimers, id)
-		s.ephMu.Unlock()
+	s.after(s.ephTimers, id, s.ephTO, func() {
 		if n := s.st.Node(id); n == nil || s.eng.Connected(id) {
 			return
 		}
@@ -376,6 +369,8 @@ func (s *Server) scheduleEphemeralExpiry(id uint64) {
 	})
 }
 
+func (s *Server) cancelEphemeralExpiry(id uint64) { s.cancel(s.ephTimers, id) }
+
 // scheduleOffline marks a node whose stream ended offline once the grace
 // has passed without a new stream.
 func (s *Server) scheduleOffline(id uint64) {
@@ -383,36 +378,38 @@ func (s *Server) scheduleOffline(id uint64) {
 		s.st.SetOnline(id, false)
 		return
 	}
-	s.ephMu.Lock()
-	defer s.ephMu.Unlock()
-	if t := s.offTimers[id]; t != nil {
-		t.Stop()
-	}
-	s.offTimers[id] = time.AfterFunc(s.offGrace, func() {
-		s.ephMu.Lock()
-		delete(s.offTimers, id)
-		s.ephMu.Unlock()
+	s.after(s.offTimers, id, s.offGrace, func() {
 		if !s.eng.Connected(id) {
 			s.st.SetOnline(id, false)
 		}
 	})
 }
 
-func (s *Server) cancelOffline(id uint64) {
-	s.ephMu.Lock()
-	defer s.ephMu.Unlock()
-	if t := s.offTimers[id]; t != nil {
+func (s *Server) cancelOffline(id uint64) { s.cancel(s.offTimers, id) }
+
+// after runs fn for node id once d has passed, replacing the node's
+// pending timer in timers.
+func (s *Server) after(timers map[uint64]*time.Timer, id uint64, d time.Duration, fn func()) {
+	s.timerMu.Lock()
+	defer s.timerMu.Unlock()
+	if t := timers[id]; t != nil {
 		t.Stop()
-		delete(s.offTimers, id)
 	}
+	timers[id] = time.AfterFunc(d, func() {
+		s.timerMu.Lock()
+		delete(timers, id)
+		s.timerMu.Unlock()
+		fn()
+	})
 }
 
-func (s *Server) cancelEphemeralExpiry(id uint64) {
-	s.ephMu.Lock()
-	defer s.ephMu.Unlock()
-	if t := s.ephTimers[id]; t != nil {
+// cancel stops the node's pending timer in timers.
+func (s *Server) cancel(timers map[uint64]*time.Timer, id uint64) {
+	s.timerMu.Lock()
+	defer s.timerMu.Unlock()
+	if t := timers[id]; t != nil {
 		t.Stop()
-		delete(s.ephTimers, id)
+		delete(timers, id)
 	}
 }
 

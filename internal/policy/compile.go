@@ -631,74 +631,24 @@ func (cp *compiler) compileRules() {
 		cp.active[ri] = true
 		srcCl := cp.srcClasses(r.src)
 
-		// Which entries each class receives.
-		recvs := map[int][]bool{}
-		mark := func(ci, ei int) {
-			m, ok := recvs[ci]
-			if !ok {
-				m = make([]bool, len(r.dst))
-				recvs[ci] = m
-			}
-			m[ei] = true
-		}
-		dstCl := newBitset(nc)
-		var selfEntries []int
 		var viaCl bitset
 		if len(r.via) > 0 {
 			viaCl = cp.viaClasses(r.via)
 		}
-		wildDst := false
-		for ei, d := range r.dst {
-			switch d.a.kind {
-			case akSelf:
-				selfEntries = append(selfEntries, ei)
-				continue
-			case akWildcard:
-				for ci := 0; ci < nc; ci++ {
-					mark(ci, ei)
-				}
-				dstCl.setAll(nc)
-				wildDst = true
-				continue
-			}
-			s := cp.sel(d.a)
-			if viaCl != nil && (d.a.kind == akPrefix || d.a.kind == akInternet) {
-				// A via grant is carried only by the routers with a via tag.
-				s.routeClasses.each(func(ci int) {
-					if viaCl.has(ci) {
-						mark(ci, ei)
-						dstCl.set(ci)
-					}
-				})
-				continue
-			}
-			s.classes.each(func(ci int) { mark(ci, ei); dstCl.set(ci) })
-			s.routeClasses.each(func(ci int) { mark(ci, ei); dstCl.set(ci) })
-		}
-
-		// Shared pieces for classes receiving the same entries.
-		shared := map[string]*piece{}
-		key := make([]byte, len(r.dst))
-		for ci, m := range recvs {
-			for i, v := range m {
-				key[i] = '0'
-				if v {
-					key[i] = '1'
-				}
-			}
-			pc, ok := shared[string(key)]
-			if !ok {
-				pc = cp.newPiece(ri, srcs, m, c.nodes[c.classes[ci].rep])
-				shared[string(key)] = pc
-			}
-			if pc != nil {
-				c.classes[ci].pieces = append(c.classes[ci].pieces, pc)
-			}
-		}
+		rc := cp.receivers(r, nc, viaCl)
+		dstCl, selfEntries, wildDst := rc.dstCl, rc.selfEntries, rc.wild
+		cp.givePieces(ri, srcs, rc.recvs, func(ci int, pc *piece) {
+			c.classes[ci].pieces = append(c.classes[ci].pieces, pc)
+		})
 
 		// autogroup:self: each source user reaches their own untagged nodes.
 		if len(selfEntries) > 0 {
-			cp.compileSelf(ri, selfEntries, srcCl, direct)
+			cp.compileSelf(ri, selfEntries, srcCl, func(ci int, pc *piece) {
+				c.classes[ci].pieces = append(c.classes[ci].pieces, pc)
+			}, func(x, y int) {
+				direct[x].set(y)
+				direct[y].set(x)
+			})
 		}
 
 		// Visibility and route relevance.
@@ -863,9 +813,85 @@ func (cp *compiler) newPiece(ri int, srcs []*srcList, m []bool, rep Node) *piece
 	return pc
 }
 
+// receivers are the classes a rule's destinations name: which entries
+// each receives, all of them as a set, the autogroup:self entries, and
+// whether a destination is "*".
+type receivers struct {
+	recvs       map[int][]bool
+	dstCl       bitset
+	selfEntries []int
+	wild        bool
+}
+
+// receivers computes rule r's receivers among nc classes; viaCl, when
+// set, are the classes carrying its via tags.
+func (cp *compiler) receivers(r *rule, nc int, viaCl bitset) receivers {
+	rc := receivers{recvs: map[int][]bool{}, dstCl: newBitset(nc)}
+	mark := func(ci, ei int) {
+		m, ok := rc.recvs[ci]
+		if !ok {
+			m = make([]bool, len(r.dst))
+			rc.recvs[ci] = m
+		}
+		m[ei] = true
+		rc.dstCl.set(ci)
+	}
+	for ei, d := range r.dst {
+		switch d.a.kind {
+		case akSelf:
+			rc.selfEntries = append(rc.selfEntries, ei)
+			continue
+		case akWildcard:
+			for ci := range nc {
+				mark(ci, ei)
+			}
+			rc.wild = true
+			continue
+		}
+		s := cp.sel(d.a)
+		if viaCl != nil && (d.a.kind == akPrefix || d.a.kind == akInternet) {
+			// A via grant is carried only by the routers with a via tag.
+			s.routeClasses.each(func(ci int) {
+				if viaCl.has(ci) {
+					mark(ci, ei)
+				}
+			})
+			continue
+		}
+		s.classes.each(func(ci int) { mark(ci, ei) })
+		s.routeClasses.each(func(ci int) { mark(ci, ei) })
+	}
+	return rc
+}
+
+// givePieces builds rule ri's pieces for its receivers, one shared by all
+// the classes receiving the same entries, and gives each class its own.
+func (cp *compiler) givePieces(ri int, srcs []*srcList, recvs map[int][]bool, give func(ci int, pc *piece)) {
+	c := cp.c
+	shared := map[string]*piece{}
+	key := make([]byte, len(c.p.rules[ri].dst))
+	for ci, m := range recvs {
+		for i, v := range m {
+			key[i] = '0'
+			if v {
+				key[i] = '1'
+			}
+		}
+		pc, ok := shared[string(key)]
+		if !ok {
+			pc = cp.newPiece(ri, srcs, m, c.nodes[c.classes[ci].rep])
+			shared[string(key)] = pc
+		}
+		if pc != nil {
+			give(ci, pc)
+		}
+	}
+}
+
 // compileSelf handles autogroup:self destinations of rule ri: sources
-// reach the untagged nodes of their own user.
-func (cp *compiler) compileSelf(ri int, entries []int, srcCl bitset, direct []bitset) {
+// reach the untagged nodes of their own user. Every class of a source user
+// is given the user's piece and linked with the user's source classes.
+func (cp *compiler) compileSelf(ri int, entries []int, srcCl bitset, give func(ci int, pc *piece), link func(x, y int)) {
 	c := cp.c
 	ports := selfPorts(&c.p.rules[ri], entries)
 	// Users with at least one untagged node named by the sources.
@@ -887,10 +913,9 @@ func (cp *compiler) compileSelf(ri int, entries []int, srcCl bitset, direct []bi
 		}
 		e := cp.newSelfEntry(ri, ports, u, srcUser)
 		for _, ci := range ucl {
-			c.classes[ci].pieces = append(c.classes[ci].pieces, e.pc)
+			give(ci, e.pc)
 			for _, si := range srcUser {
-				direct[ci].set(si)
-				direct[si].set(ci)
+				link(ci, si)
 			}
 		}
 	}

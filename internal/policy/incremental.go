@@ -225,79 +225,12 @@ func (a *adder) activate(ri int) {
 	}
 	cp.active[ri] = true
 	srcCl := cp.srcClasses(r.src)
-	nc := len(c.classes)
-	dstCl := newBitset(nc)
-	recvs := map[int][]bool{}
-	mark := func(ci, ei int) {
-		m, ok := recvs[ci]
-		if !ok {
-			m = make([]bool, len(r.dst))
-			recvs[ci] = m
-		}
-		m[ei] = true
-		dstCl.set(ci)
+	rc := cp.receivers(r, len(c.classes), nil)
+	cp.givePieces(ri, srcs, rc.recvs, a.insert)
+	if len(rc.selfEntries) > 0 {
+		cp.compileSelf(ri, rc.selfEntries, srcCl, a.insert, a.link)
 	}
-	var selfEntries []int
-	wild := false
-	for ei, d := range r.dst {
-		switch d.a.kind {
-		case akSelf:
-			selfEntries = append(selfEntries, ei)
-			continue
-		case akWildcard:
-			wild = true
-			for ci := range nc {
-				mark(ci, ei)
-			}
-			continue
-		}
-		s := cp.sel(d.a)
-		s.classes.each(func(ci int) { mark(ci, ei) })
-		s.routeClasses.each(func(ci int) { mark(ci, ei) })
-	}
-	shared := map[string]*piece{}
-	key := make([]byte, len(r.dst))
-	for ci, m := range recvs {
-		for i, v := range m {
-			key[i] = '0'
-			if v {
-				key[i] = '1'
-			}
-		}
-		pc, ok := shared[string(key)]
-		if !ok {
-			pc = cp.newPiece(ri, srcs, m, c.nodes[c.classes[ci].rep])
-			shared[string(key)] = pc
-		}
-		if pc != nil {
-			a.insert(ci, pc)
-		}
-	}
-	if len(selfEntries) > 0 {
-		ports := selfPorts(r, selfEntries)
-		done := map[uint64]bool{}
-		srcCl.each(func(ci int) {
-			cl := c.classes[ci]
-			if cl.tagged || done[cl.user] {
-				return
-			}
-			done[cl.user] = true
-			ucl := cp.userClasses[cl.user]
-			var srcUser []int
-			for _, uc := range ucl {
-				if srcCl.has(uc) {
-					srcUser = append(srcUser, uc)
-				}
-			}
-			e := cp.newSelfEntry(ri, ports, cl.user, srcUser)
-			for _, uc := range ucl {
-				a.insert(uc, e.pc)
-				for _, sc := range srcUser {
-					a.link(uc, sc)
-				}
-			}
-		})
-	}
+	dstCl, wild := rc.dstCl, rc.wild
 	var dp netipx.IPSetBuilder
 	dstPrefixes(r.dst, &dp)
 	dstSet, _ := dp.IPSet()
