@@ -94,13 +94,14 @@ func (e *Engine) filterAndSelf(ss *sessState, b *batch, d *update, filters bool)
 }
 
 // filterDeltaLocked returns the filter chunks session ss must receive, or
-// nil. After joins added without recompiling (b.addedTo), those are the
-// chunks the joins changed, for sessions of the classes they changed;
-// otherwise the whole filter with the "*" reset, when its hash differs
-// from the one the session holds.
+// nil. After a recompilation (b.syncAll) that is the whole filter with the
+// "*" reset, when its hash differs from the one the session holds;
+// otherwise the chunks joins changed since the session last synced.
 func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string]json.RawMessage {
 	id := ss.s.NodeID
-	if b.addedTo == nil {
+	since := ss.filterGen
+	ss.filterGen = e.compiled.Gen()
+	if b.syncAll {
 		f := e.filterLocked(id)
 		if f.sum == ss.filterSum {
 			return nil
@@ -108,10 +109,7 @@ func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string]json.RawM
 		ss.filterSum = f.sum
 		return f.chunks
 	}
-	if !b.addedTo[e.compiled.ClassOf(id)] {
-		return nil
-	}
-	chs := e.compiled.FilterChunks(id, true)
+	chs := e.compiled.FilterChunksSince(id, since)
 	if len(chs) == 0 {
 		return nil
 	}
@@ -143,11 +141,11 @@ func (e *Engine) selfChangeLocked(ss *sessState, n *state.Node) json.RawMessage 
 
 // diffBatchLocked applies a batch without identity changes to one session:
 // joined nodes it may see, left nodes it saw, patches for changed peers,
-// and its own filter when membership changed the filter's sources. Cost:
+// and its own filter and SSH policy when the batch syncs its class. Cost:
 // one class lookup per changed node.
-func (e *Engine) diffBatchLocked(ss *sessState, b *batch, membership bool) *session.Update {
+func (e *Engine) diffBatchLocked(ss *sessState, b *batch) *session.Update {
 	var d update
-	e.filterAndSelf(ss, b, &d, membership)
+	e.filterAndSelf(ss, b, &d, b.filtersFor(e.compiled.ClassOf(ss.s.NodeID)))
 	e.batchPeersLocked(ss, b, &d)
 	return d.result()
 }

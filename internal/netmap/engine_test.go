@@ -1,14 +1,22 @@
 package netmap
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/netip"
 	"slices"
 	"testing"
+	"time"
 
+	"go4.org/netipx"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
+	"github.com/tailplane/tailplane/internal/session"
 	"github.com/tailplane/tailplane/internal/state"
 )
 
@@ -65,3 +73,119 @@ func TestJoinReachesOnlyViewers(t *testing.T) {
 		checkReceivers(t, tc.name+" joins", f.drainAll(), tc.want, len(f.sessions))
 	}
 }
+
+// TestJoinBurstSyncsFiltersOnce: in a burst of joins, the filters and SSH
+// policies of connected nodes are brought up to date at most once per
+// policySyncEvery; peers still arrive with every batch, and the deferred
+// sync, when due, sends the chunks changed by every join since.
+func TestJoinBurstSyncsFiltersOnce(t *testing.T) {
+	tn := benchTailnet{policy: []byte(`{
+  "tagOwners": {"tag:srv": ["user0@example.com"]},
+  "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:srv:22", "autogroup:member:80"]}]
+}`)}
+	tn.users = []string{"user0", "user1"}
+	for i := range 20 {
+		n := benchNode{user: i % 2}
+		if i%5 == 0 {
+			n = benchNode{user: 0, tags: []string{"tag:srv"}}
+		}
+		tn.nodes = append(tn.nodes, n)
+	}
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	srv := f.ids[0]
+	join := func(user int) uint64 {
+		t.Helper()
+		k := f.keys[keyOf(user, nil)]
+		res, err := f.st.Register(context.Background(), state.RegisterParams{MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
+			AuthKey: k, Hostinfo: &tailcfg.Hostinfo{Hostname: "joiner"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.e.process(map[uint64]struct{}{res.Node.ID: {}}, false, false)
+		return res.Node.ID
+	}
+	srcOf := func(m []tailcfg.MapResponse) []string {
+		var out []string
+		for _, r := range m {
+			for _, rules := range r.PacketFilters {
+				for _, fr := range rules {
+					out = append(out, fr.SrcIPs...)
+				}
+			}
+		}
+		return out
+	}
+	hasAddr := func(ips []string, id uint64) bool {
+		a := f.st.Node(id).IPv4
+		return slices.ContainsFunc(ips, func(s string) bool {
+			if r, err := netipx.ParseIPRange(s); err == nil {
+				return r.Contains(a)
+			}
+			p, err := netip.ParsePrefix(s)
+			return s == a.String() || (err == nil && p.Contains(a))
+		})
+	}
+
+	// A quiet tailnet: the first join reaches tag:srv's filter at once.
+	f.e.lastSync = time.Time{}
+	a := join(1)
+	if got := srcOf(collect(t, f.sessions[srv])); !hasAddr(got, a) {
+		t.Fatalf("first join: tag:srv's filter sources %v lack the new node", got)
+	}
+	// A second join right after: peers at once, the filter deferred.
+	b := join(1)
+	m := collect(t, f.sessions[srv])
+	if len(m) == 0 || !slices.ContainsFunc(m, func(r tailcfg.MapResponse) bool { return len(r.PeersChanged) > 0 }) {
+		t.Fatalf("second join: tag:srv got no peer: %+v", m)
+	}
+	if got := srcOf(m); hasAddr(got, b) {
+		t.Fatalf("second join: tag:srv's filter synced within %v of the last sync", policySyncEvery)
+	}
+	c := join(0)
+	collect(t, f.sessions[srv])
+	// The sync is due: an empty batch brings both joins in.
+	f.e.lastSync = time.Now().Add(-policySyncEvery)
+	f.e.process(map[uint64]struct{}{}, false, false)
+	got := srcOf(collect(t, f.sessions[srv]))
+	if !hasAddr(got, b) || !hasAddr(got, c) {
+		t.Fatalf("due sync: tag:srv's filter sources %v lack the deferred joins", got)
+	}
+}
+
+// collect delivers everything pending on s and returns the messages.
+func collect(t *testing.T, s *session.Session) []tailcfg.MapResponse {
+	t.Helper()
+	s.Push(&session.Update{Online: map[uint64]bool{sentinelID: true}})
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &captureWriter{cancel: cancel}
+	s.Run(ctx, w)
+	cancel()
+	var out []tailcfg.MapResponse
+	for r := bytes.NewReader(w.buf.Bytes()); r.Len() > 0; {
+		var hdr [4]byte
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			t.Fatal(err)
+		}
+		msg := make([]byte, binary.LittleEndian.Uint32(hdr[:]))
+		if _, err := io.ReadFull(r, msg); err != nil {
+			t.Fatal(err)
+		}
+		var m tailcfg.MapResponse
+		if err := json.Unmarshal(msg, &m); err != nil {
+			t.Fatal(err)
+		}
+		delete(m.OnlineChange, sentinelID)
+		out = append(out, m)
+	}
+	return out
+}
+
+// captureWriter records what Run writes until the first flush.
+type captureWriter struct {
+	cancel context.CancelFunc
+	buf    bytes.Buffer
+}
+
+func (w *captureWriter) Write(p []byte) (int, error) { return w.buf.Write(p) }
+func (w *captureWriter) Flush() error                { w.cancel(); return nil }

@@ -106,7 +106,7 @@ func (e *Engine) sweepChunksLocked() {
 func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
 	ce, f := e.classEncLocked(n.ID), e.filterLocked(n.ID)
 	self := e.selfJSONLocked(n)
-	ss.self, ss.selfJSON, ss.filterSum, ss.ssh = n, self, f.sum, ce.ssh
+	ss.self, ss.selfJSON, ss.filterSum, ss.filterGen, ss.ssh = n, self, f.sum, e.compiled.Gen(), ce.ssh
 	prof := profileSet{}
 	prof.add(e, ownerID(n))
 

@@ -1068,18 +1068,28 @@ type FilterChunk struct {
 }
 
 // FilterChunks returns the node's filter as named chunks, without empty
-// ones. With changedOnly it returns only the chunks the last AddNodes call
-// added or changed for the node: a join then resends the rules whose
-// sources it changed, not the whole filter.
-func (c *Compiled) FilterChunks(nodeID uint64, changedOnly bool) []FilterChunk {
+// ones.
+func (c *Compiled) FilterChunks(nodeID uint64) []FilterChunk {
+	return c.filterChunks(nodeID, func(*piece) bool { return true })
+}
+
+// FilterChunksSince returns the chunks AddNodes calls after generation
+// gen (see Gen) added or changed for the node. A client that holds the
+// node's chunks as of gen and replaces them with these holds exactly
+// Filter: a join resends the rules whose sources it changed, not the
+// whole filter.
+func (c *Compiled) FilterChunksSince(nodeID, gen uint64) []FilterChunk {
+	return c.filterChunks(nodeID, func(pc *piece) bool { return pc.changedSince(gen) })
+}
+
+func (c *Compiled) filterChunks(nodeID uint64, keep func(*piece) bool) []FilterChunk {
 	n, i, ok := c.node(nodeID)
 	if !ok {
 		return nil
 	}
-	gen := c.cp.adds
 	var out []FilterChunk
 	for _, pc := range c.classes[c.classOf[i]].pieces {
-		if changedOnly && !pc.changedIn(gen) {
+		if !keep(pc) {
 			continue
 		}
 		if rules := pc.appendRules(nil, n); len(rules) > 0 {
@@ -1089,10 +1099,14 @@ func (c *Compiled) FilterChunks(nodeID uint64, changedOnly bool) []FilterChunk {
 	return out
 }
 
-// changedIn reports whether AddNodes call gen created the piece or changed
-// one of its source lists.
-func (pc *piece) changedIn(gen uint64) bool {
-	return gen != 0 && (pc.added == gen || slices.ContainsFunc(pc.srcs, func(l *srcList) bool { return l.dirty == gen }))
+// Gen counts the AddNodes calls applied to the compilation: the
+// generation of its filters, for FilterChunks.
+func (c *Compiled) Gen() uint64 { return c.cp.adds }
+
+// changedSince reports whether an AddNodes call after gen created the
+// piece or changed one of its source lists.
+func (pc *piece) changedSince(gen uint64) bool {
+	return pc.added > gen || slices.ContainsFunc(pc.srcs, func(l *srcList) bool { return l.dirty > gen })
 }
 
 // name is the piece's FilterChunk name: the rule index, zero-padded so

@@ -44,6 +44,16 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 		t.Fatalf("%s: %v", name, err)
 	}
 	n := start
+	// What a client that stopped listening after the first compilation
+	// holds, to check FilterChunksSince over several calls.
+	snap := func() (uint64, map[uint64]map[string][]tailcfg.FilterRule) {
+		held := map[uint64]map[string][]tailcfg.FilterRule{}
+		for _, nd := range nodes[:n] {
+			held[nd.ID] = chunkMap(c.FilterChunks(nd.ID))
+		}
+		return c.Gen(), held
+	}
+	gen0, held0 := snap()
 	for _, size := range sizes {
 		end := min(n+size, len(nodes))
 		if end == n {
@@ -53,14 +63,16 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 		chunks := map[uint64]map[string][]tailcfg.FilterRule{}
 		for _, nd := range nodes[:n] {
 			before[nd.ID] = ownAnswers(t, c, nd.ID)
-			chunks[nd.ID] = chunkMap(c.FilterChunks(nd.ID, false))
+			chunks[nd.ID] = chunkMap(c.FilterChunks(nd.ID))
 		}
+		gen := c.Gen()
 		changed, ok := c.AddNodes(slices.Clone(nodes[n:end]))
 		if !ok {
 			if c, err = pol.Compile(users, nodes[:end]); err != nil {
 				t.Fatalf("%s: %v", name, err)
 			}
 			n = end
+			gen0, held0 = snap()
 			continue
 		}
 		took++
@@ -74,7 +86,7 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 			}
 		}
 		for _, nd := range nodes[:end] {
-			if got, w := jsonOf(t, concatChunks(chunkMap(c.FilterChunks(nd.ID, false)))), jsonOf(t, c.Filter(nd.ID)); got != w {
+			if got, w := jsonOf(t, concatChunks(chunkMap(c.FilterChunks(nd.ID)))), jsonOf(t, c.Filter(nd.ID)); got != w {
 				t.Fatalf("%s: node %d: chunks concatenated in name order\n got %s\nwant %s", name, nd.ID, got, w)
 			}
 		}
@@ -82,11 +94,19 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 			// The old chunks with the changed ones replaced: what a
 			// client holds after the delta.
 			held := chunks[nd.ID]
-			for _, ch := range c.FilterChunks(nd.ID, true) {
+			for _, ch := range c.FilterChunksSince(nd.ID, gen) {
 				held[ch.Name] = ch.Rules
 			}
 			if got, w := jsonOf(t, concatChunks(held)), jsonOf(t, c.Filter(nd.ID)); got != w {
 				t.Fatalf("%s: after adding nodes %d..%d, node %d: old chunks plus changed ones\n got %s\nwant %s", name, n, end-1, nd.ID, got, w)
+			}
+			if h, ok := held0[nd.ID]; ok {
+				for _, ch := range c.FilterChunksSince(nd.ID, gen0) {
+					h[ch.Name] = ch.Rules
+				}
+				if got, w := jsonOf(t, concatChunks(h)), jsonOf(t, c.Filter(nd.ID)); got != w {
+					t.Fatalf("%s: node %d: chunks as of generation %d plus those changed since\n got %s\nwant %s", name, nd.ID, gen0, got, w)
+				}
 			}
 			if !slices.Contains(changed, c.ClassOf(nd.ID)) && ownAnswers(t, c, nd.ID) != before[nd.ID] {
 				t.Fatalf("%s: after adding nodes %d..%d, node %d's filter or SSH policy changed but its class %d was not reported", name, n, end-1, nd.ID, c.ClassOf(nd.ID))
