@@ -8,13 +8,17 @@ package netmap
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
+	"hash/fnv"
 	"hash/maphash"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
 	"time"
+	"unsafe"
 
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/dnstype"
@@ -347,6 +351,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	// them share its encoding and compression. A filter that names each
 	// node's own addresses follows as a second, per-session message.
 	memo := map[int]classDelta{}
+	same := sameDeltas{}
 	for id, ss := range e.sessions {
 		switch {
 		case b.full:
@@ -365,6 +370,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		m, ok := memo[cl]
 		if !ok {
 			m = e.classDeltaLocked(ss, b)
+			m.u = same.find(m.u)
 			memo[cl] = m
 		} else if !m.skip && filters {
 			// Sessions of one class hold the same SSH policy (and
@@ -438,6 +444,62 @@ func (e *Engine) classDeltaLocked(ss *sessState, b *batch) classDelta {
 		m.u.Shared = new(session.Encoded)
 	}
 	return m
+}
+
+// sameDeltas finds, among the class-wide deltas of one batch, one with the
+// same content, so that classes that see the batch's nodes the same way
+// share one encoding and compression. In a join storm under the generated
+// 15,000-rule policy each of about 4,000 classes got the new peers, and
+// encoding and compressing those per class was a fifth of the server's
+// CPU.
+type sameDeltas map[uint64][]*session.Update
+
+// find returns an earlier update with u's content, or u (recorded).
+// Only updates of peers (added, removed, patched) and their owners'
+// profiles are shared; the peer encodings are shared pointers.
+func (sd sameDeltas) find(u *session.Update) *session.Update {
+	if u == nil || u.Self != nil || u.PacketFilters != nil || u.SSHPolicy != nil || len(u.Online) > 0 {
+		return u
+	}
+	h := fnv.New64a()
+	var buf [8]byte
+	put := func(v uint64) {
+		binary.LittleEndian.PutUint64(buf[:], v)
+		h.Write(buf[:])
+	}
+	for _, id := range slices.Sorted(maps.Keys(u.PeersChanged)) {
+		put(id)
+		put(uint64(uintptr(unsafe.Pointer(unsafe.SliceData(u.PeersChanged[id])))))
+	}
+	put(0)
+	for _, id := range slices.Sorted(maps.Keys(u.PeersRemoved)) {
+		put(id)
+	}
+	put(0)
+	for _, id := range slices.Sorted(maps.Keys(u.Patches)) {
+		put(id)
+		put(uint64(uintptr(unsafe.Pointer(u.Patches[id]))))
+	}
+	put(0)
+	for _, id := range slices.Sorted(maps.Keys(u.UserProfiles)) {
+		put(id)
+		h.Write(u.UserProfiles[id])
+	}
+	k := h.Sum64()
+	for _, o := range sd[k] {
+		if sameContent(o, u) {
+			return o
+		}
+	}
+	sd[k] = append(sd[k], u)
+	return u
+}
+
+func sameContent(a, b *session.Update) bool {
+	return maps.EqualFunc(a.PeersChanged, b.PeersChanged, func(x, y json.RawMessage) bool {
+		return unsafe.SliceData(x) == unsafe.SliceData(y) && len(x) == len(y)
+	}) && maps.Equal(a.PeersRemoved, b.PeersRemoved) && maps.Equal(a.Patches, b.Patches) &&
+		maps.EqualFunc(a.UserProfiles, b.UserProfiles, func(x, y json.RawMessage) bool { return bytes.Equal(x, y) })
 }
 
 // concernsLocked reports whether an incremental batch can change anything

@@ -189,3 +189,41 @@ type captureWriter struct {
 
 func (w *captureWriter) Write(p []byte) (int, error) { return w.buf.Write(p) }
 func (w *captureWriter) Flush() error                { w.cancel(); return nil }
+
+// TestSameDeltasShareAnEncoding: class deltas with the same peers (the
+// same encodings), removals, patches and profiles are one update; any
+// difference keeps them apart, and updates with a class's own parts are
+// never shared.
+func TestSameDeltasShareAnEncoding(t *testing.T) {
+	p1, p2 := json.RawMessage(`{"ID":1}`), json.RawMessage(`{"ID":2}`)
+	prof := func() map[uint64]json.RawMessage { return map[uint64]json.RawMessage{7: json.RawMessage(`{"ID":7}`)} }
+	mk := func(peers ...json.RawMessage) *session.Update {
+		u := &session.Update{PeersChanged: map[uint64]json.RawMessage{}, UserProfiles: prof(), Shared: new(session.Encoded)}
+		for i, p := range peers {
+			u.PeersChanged[uint64(i+1)] = p
+		}
+		return u
+	}
+	sd := sameDeltas{}
+	a := sd.find(mk(p1, p2))
+	if b := sd.find(mk(p1, p2)); b != a {
+		t.Fatal("equal deltas not shared")
+	}
+	if c := sd.find(mk(p1)); c == a {
+		t.Fatal("different peers shared")
+	}
+	// The same bytes at another address are another encoding: not shared.
+	if d := sd.find(mk(p1, json.RawMessage(`{"ID":2}`))); d == a {
+		t.Fatal("deltas shared by bytes, not by encoding")
+	}
+	withRemoval := mk(p1, p2)
+	withRemoval.PeersRemoved = map[uint64]struct{}{9: {}}
+	if sd.find(withRemoval) == a {
+		t.Fatal("a delta with a removal shared with one without")
+	}
+	own := mk(p1, p2)
+	own.SSHPolicy = json.RawMessage(`{}`)
+	if sd.find(own) != own {
+		t.Fatal("a delta with an SSH policy was shared")
+	}
+}
