@@ -227,3 +227,68 @@ func TestSameDeltasShareAnEncoding(t *testing.T) {
 		t.Fatal("a delta with an SSH policy was shared")
 	}
 }
+
+// TestFullMapCacheFollowsChanges: a full map built from a class's cached
+// spans, after joins and a peer's endpoint change, holds the same peers and
+// profiles as one built from scratch.
+func TestFullMapCacheFollowsChanges(t *testing.T) {
+	tn := benchTailnet{users: []string{"user0", "user1", "user2"}}
+	for i := range 700 { // three spans of node ids
+		tn.nodes = append(tn.nodes, benchNode{user: i % 3})
+	}
+	f := newBenchFixture(t, tn)
+	me := f.ids[0]
+	decode := func() (peers map[tailcfg.NodeID]string, profiles []tailcfg.UserID) {
+		t.Helper()
+		b, ok := f.e.FullMap(me)
+		if !ok {
+			t.Fatal("no full map")
+		}
+		var m tailcfg.MapResponse
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatal(err)
+		}
+		peers = map[tailcfg.NodeID]string{}
+		for _, p := range m.Peers {
+			pb, _ := json.Marshal(p)
+			peers[p.ID] = string(pb)
+		}
+		for _, u := range m.UserProfiles {
+			profiles = append(profiles, u.ID)
+		}
+		slices.Sort(profiles)
+		return peers, profiles
+	}
+	check := func(what string) {
+		t.Helper()
+		cachedPeers, cachedProfiles := decode()
+		f.e.mu.Lock()
+		clear(f.e.classFull)
+		f.e.mu.Unlock()
+		freshPeers, freshProfiles := decode()
+		if len(cachedPeers) != len(freshPeers) || !slices.Equal(cachedProfiles, freshProfiles) {
+			t.Fatalf("%s: cached map has %d peers and profiles %v, fresh %d and %v", what, len(cachedPeers), cachedProfiles, len(freshPeers), freshProfiles)
+		}
+		for id, p := range freshPeers {
+			if cachedPeers[id] != p {
+				t.Fatalf("%s: peer %d differs:\ncached %s\nfresh  %s", what, id, cachedPeers[id], p)
+			}
+		}
+	}
+	decode() // fill the cache
+	ctx := context.Background()
+	for range 3 {
+		res, err := f.st.Register(ctx, state.RegisterParams{MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
+			AuthKey: f.keys[keyOf(1, nil)], Hostinfo: &tailcfg.Hostinfo{Hostname: "joiner"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.e.process(map[uint64]struct{}{res.Node.ID: {}}, false, false)
+	}
+	check("after joins")
+	decode()
+	peer := f.ids[5]
+	f.st.UpdateFromClient(peer, state.ClientUpdate{Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.9:41641")}})
+	f.e.process(map[uint64]struct{}{peer: {}}, false, false)
+	check("after an endpoint change")
+}

@@ -1,7 +1,9 @@
 package netmap
 
 import (
+	"cmp"
 	"encoding/json"
+	"slices"
 	"time"
 	"unsafe"
 
@@ -81,7 +83,7 @@ func equalEncs(a, b []*encoded) bool {
 func (e *Engine) sweepChunksLocked() {
 	cutoff := time.Now().Add(-chunkIdleTTL)
 	for cl, cf := range e.classFull {
-		if cf.gen != e.viewGen || e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) {
+		if e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) || e.changedSinceLocked(cf.gen) == nil && cf.gen != e.viewGen {
 			delete(e.classFull, cl)
 		}
 	}
@@ -177,37 +179,123 @@ type peerSpan struct {
 // per class and view generation. Looking up each peer's encoding for
 // every full map was the largest cost of a reconnect storm (27% of the
 // server's CPU in peerJSON at 10,000 nodes: 10,000 maps of 9,999 peers).
+// When the class's entry is from an earlier generation and only nodes
+// changed since, the spans holding none of them are kept: in a join storm
+// every batch changes nodes, and rebuilding every span was 12% of the
+// server's CPU under the generated 15,000-rule policy.
 func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 	cl := e.compiled.ClassOf(nodeID)
 	cf := e.classFull[cl]
 	if cf == nil || cf.gen != e.viewGen {
-		// The peer list is the class's cached one, not a copy: at
-		// thousands of classes a copy each took gigabytes.
-		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
-		var seen profileSet
-		for _, p := range cf.peers {
-			pn := e.nodes[p.ID]
-			if pn == nil {
-				continue
-			}
+		var changed map[uint64]bool
+		if cf != nil {
+			changed = e.changedSinceLocked(cf.gen)
+		}
+		if changed == nil {
+			cf = nil // too old, or the views changed: rebuild it all
+		}
+		cf = e.buildClassFullLocked(nodeID, cf, changed)
+		e.classFull[cl] = cf
+	}
+	cf.used, cf.usedTime = e.batchNo, time.Now()
+	return cf
+}
+
+// buildClassFullLocked builds a class's full-map peers, keeping from old
+// (when set) the spans that hold none of the changed nodes.
+func (e *Engine) buildClassFullLocked(nodeID uint64, old *classFull, changed map[uint64]bool) *classFull {
+	// The peer list is the class's cached one, not a copy: at thousands of
+	// classes a copy each took gigabytes.
+	cf := &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
+	var seen profileSet
+	addOwner := func(id uint64) {
+		if pn := e.nodes[id]; pn != nil {
 			if uid := ownerID(pn); !seen.seen[uid] {
 				seen.add(e, uid)
 				cf.owners = append(cf.owners, uid)
 			}
 		}
-		for rest := cf.peers; len(rest) > 0; {
-			span := rest[0].ID / chunkSpan
-			k := 0
-			for k < len(rest) && rest[k].ID/chunkSpan == span {
-				k++
-			}
-			cf.spans = append(cf.spans, peerSpan{span: span, peers: rest[:k], chunk: e.spanChunkLocked(rest[:k], 0, 0)})
-			rest = rest[k:]
-		}
-		e.classFull[cl] = cf
 	}
-	cf.used, cf.usedTime = e.batchNo, time.Now()
+	kept := map[uint64]*session.Chunk{}
+	if old != nil {
+		for _, uid := range old.owners {
+			seen.add(e, uid)
+			cf.owners = append(cf.owners, uid)
+		}
+		for _, sp := range old.spans {
+			kept[sp.span] = sp.chunk
+		}
+		for id := range changed {
+			delete(kept, id/chunkSpan)
+			if _, in := slices.BinarySearchFunc(cf.peers, id, func(p policy.Peer, id uint64) int { return cmp.Compare(p.ID, id) }); in {
+				addOwner(id)
+			}
+		}
+	} else {
+		for _, p := range cf.peers {
+			addOwner(p.ID)
+		}
+	}
+	for rest := cf.peers; len(rest) > 0; {
+		span := rest[0].ID / chunkSpan
+		k := 0
+		for k < len(rest) && rest[k].ID/chunkSpan == span {
+			k++
+		}
+		chunk := kept[span]
+		if chunk == nil {
+			chunk = e.spanChunkLocked(rest[:k], 0, 0)
+		}
+		cf.spans = append(cf.spans, peerSpan{span: span, peers: rest[:k], chunk: chunk})
+		rest = rest[k:]
+	}
 	return cf
+}
+
+// genChange is what one view generation changed: some nodes, or
+// everything (a recompilation or a full batch).
+type genChange struct {
+	gen uint64
+	ids []uint64
+	all bool
+}
+
+// genHistory is how many generations' changes are kept for
+// changedSinceLocked.
+const genHistory = 32
+
+// recordGenLocked notes what the batch that made generation e.viewGen
+// changed.
+func (e *Engine) recordGenLocked(b *batch) {
+	g := genChange{gen: e.viewGen, all: b.full || b.syncAll}
+	for id := range b.prev {
+		g.ids = append(g.ids, id)
+	}
+	e.genChanges = append(e.genChanges, g)
+	if len(e.genChanges) > genHistory {
+		e.genChanges = e.genChanges[len(e.genChanges)-genHistory:]
+	}
+}
+
+// changedSinceLocked returns the nodes changed after generation gen, or
+// nil when that is not known or the views themselves changed.
+func (e *Engine) changedSinceLocked(gen uint64) map[uint64]bool {
+	if len(e.genChanges) == 0 || e.genChanges[0].gen > gen+1 {
+		return nil
+	}
+	out := map[uint64]bool{}
+	for _, g := range e.genChanges {
+		if g.gen <= gen {
+			continue
+		}
+		if g.all {
+			return nil
+		}
+		for _, id := range g.ids {
+			out[id] = true
+		}
+	}
+	return out
 }
 
 // spanChunkLocked returns the chunk of peers without the nodes skip1 and
