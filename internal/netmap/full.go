@@ -1,7 +1,6 @@
 package netmap
 
 import (
-	"cmp"
 	"encoding/json"
 	"slices"
 	"time"
@@ -83,7 +82,7 @@ func equalEncs(a, b []*encoded) bool {
 func (e *Engine) sweepChunksLocked() {
 	cutoff := time.Now().Add(-chunkIdleTTL)
 	for cl, cf := range e.classFull {
-		if e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) || e.changedSinceLocked(cf.gen) == nil && cf.gen != e.viewGen {
+		if e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) || cf.gen != e.viewGen && !e.knownSinceLocked(cf.gen) {
 			delete(e.classFull, cl)
 		}
 	}
@@ -187,14 +186,14 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 	cl := e.compiled.ClassOf(nodeID)
 	cf := e.classFull[cl]
 	if cf == nil || cf.gen != e.viewGen {
-		var changed map[uint64]bool
+		var dirty map[uint64]bool
 		if cf != nil {
-			changed = e.changedSinceLocked(cf.gen)
+			dirty = e.dirtySpansSinceLocked(cf.gen)
 		}
-		if changed == nil {
+		if dirty == nil {
 			cf = nil // too old, or the views changed: rebuild it all
 		}
-		cf = e.buildClassFullLocked(nodeID, cf, changed)
+		cf = e.buildClassFullLocked(nodeID, cf, dirty)
 		e.classFull[cl] = cf
 	}
 	cf.used, cf.usedTime = e.batchNo, time.Now()
@@ -202,8 +201,8 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 }
 
 // buildClassFullLocked builds a class's full-map peers, keeping from old
-// (when set) the spans that hold none of the changed nodes.
-func (e *Engine) buildClassFullLocked(nodeID uint64, old *classFull, changed map[uint64]bool) *classFull {
+// (when set) the spans not in dirty, which hold none of the changed nodes.
+func (e *Engine) buildClassFullLocked(nodeID uint64, old *classFull, dirty map[uint64]bool) *classFull {
 	// The peer list is the class's cached one, not a copy: at thousands of
 	// classes a copy each took gigabytes.
 	cf := &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
@@ -223,12 +222,13 @@ func (e *Engine) buildClassFullLocked(nodeID uint64, old *classFull, changed map
 			cf.owners = append(cf.owners, uid)
 		}
 		for _, sp := range old.spans {
-			kept[sp.span] = sp.chunk
+			if !dirty[sp.span] {
+				kept[sp.span] = sp.chunk
+			}
 		}
-		for id := range changed {
-			delete(kept, id/chunkSpan)
-			if _, in := slices.BinarySearchFunc(cf.peers, id, func(p policy.Peer, id uint64) int { return cmp.Compare(p.ID, id) }); in {
-				addOwner(id)
+		for _, p := range cf.peers {
+			if dirty[p.ID/chunkSpan] {
+				addOwner(p.ID)
 			}
 		}
 	} else {
@@ -255,9 +255,9 @@ func (e *Engine) buildClassFullLocked(nodeID uint64, old *classFull, changed map
 // genChange is what one view generation changed: some nodes, or
 // everything (a recompilation or a full batch).
 type genChange struct {
-	gen uint64
-	ids []uint64
-	all bool
+	gen   uint64
+	spans []uint64 // chunk spans of the changed nodes
+	all   bool
 }
 
 // genHistory is how many generations' changes are kept for
@@ -269,7 +269,9 @@ const genHistory = 32
 func (e *Engine) recordGenLocked(b *batch) {
 	g := genChange{gen: e.viewGen, all: b.full || b.syncAll}
 	for id := range b.prev {
-		g.ids = append(g.ids, id)
+		if !slices.Contains(g.spans, id/chunkSpan) {
+			g.spans = append(g.spans, id/chunkSpan)
+		}
 	}
 	e.genChanges = append(e.genChanges, g)
 	if len(e.genChanges) > genHistory {
@@ -277,22 +279,33 @@ func (e *Engine) recordGenLocked(b *batch) {
 	}
 }
 
-// changedSinceLocked returns the nodes changed after generation gen, or
-// nil when that is not known or the views themselves changed.
-func (e *Engine) changedSinceLocked(gen uint64) map[uint64]bool {
+// knownSinceLocked reports whether the changes after generation gen are
+// all known and all node changes (not a change of the views).
+func (e *Engine) knownSinceLocked(gen uint64) bool {
 	if len(e.genChanges) == 0 || e.genChanges[0].gen > gen+1 {
+		return false
+	}
+	for _, g := range e.genChanges {
+		if g.gen > gen && g.all {
+			return false
+		}
+	}
+	return true
+}
+
+// dirtySpansSinceLocked returns the chunk spans holding nodes changed
+// after generation gen, or nil when that is not known or the views
+// themselves changed.
+func (e *Engine) dirtySpansSinceLocked(gen uint64) map[uint64]bool {
+	if !e.knownSinceLocked(gen) {
 		return nil
 	}
 	out := map[uint64]bool{}
 	for _, g := range e.genChanges {
-		if g.gen <= gen {
-			continue
-		}
-		if g.all {
-			return nil
-		}
-		for _, id := range g.ids {
-			out[id] = true
+		if g.gen > gen {
+			for _, sp := range g.spans {
+				out[sp] = true
+			}
 		}
 	}
 	return out
