@@ -81,9 +81,8 @@ type Engine struct {
 	classPeers map[int][]policy.Peer
 	// classFull caches each class's full-map peers; viewGen counts the
 	// batches that changed a node or the compilation, which invalidate it.
-	classFull  map[int]*classFull
-	viewGen    uint64
-	genChanges []genChange // the last genHistory generations
+	classFull map[int]*classFull
+	viewGen   uint64
 	// syncPending are the classes whose filter or SSH policy joins
 	// changed since lastSync; syncTimer wakes Run when a sync is due.
 	syncPending map[int]bool
@@ -341,7 +340,6 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	e.planSyncLocked(b)
 	if len(b.prev) > 0 || b.full {
 		e.viewGen++ // encodings or views changed: cached full-map peers are stale
-		e.recordGenLocked(b)
 	}
 	b.newCompiled, b.same = e.compiled, map[[2]int]bool{}
 	var oldViews, newViews *classViews

@@ -2,7 +2,6 @@ package netmap
 
 import (
 	"encoding/json"
-	"slices"
 	"time"
 	"unsafe"
 
@@ -82,7 +81,7 @@ func equalEncs(a, b []*encoded) bool {
 func (e *Engine) sweepChunksLocked() {
 	cutoff := time.Now().Add(-chunkIdleTTL)
 	for cl, cf := range e.classFull {
-		if e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) || cf.gen != e.viewGen && !e.knownSinceLocked(cf.gen) {
+		if cf.gen != e.viewGen || e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) {
 			delete(e.classFull, cl)
 		}
 	}
@@ -178,137 +177,37 @@ type peerSpan struct {
 // per class and view generation. Looking up each peer's encoding for
 // every full map was the largest cost of a reconnect storm (27% of the
 // server's CPU in peerJSON at 10,000 nodes: 10,000 maps of 9,999 peers).
-// When the class's entry is from an earlier generation and only nodes
-// changed since, the spans holding none of them are kept: in a join storm
-// every batch changes nodes, and rebuilding every span was 12% of the
-// server's CPU under the generated 15,000-rule policy.
 func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 	cl := e.compiled.ClassOf(nodeID)
 	cf := e.classFull[cl]
 	if cf == nil || cf.gen != e.viewGen {
-		var dirty map[uint64]bool
-		if cf != nil {
-			dirty = e.dirtySpansSinceLocked(cf.gen)
-		}
-		if dirty == nil {
-			cf = nil // too old, or the views changed: rebuild it all
-		}
-		cf = e.buildClassFullLocked(nodeID, cf, dirty)
-		e.classFull[cl] = cf
-	}
-	cf.used, cf.usedTime = e.batchNo, time.Now()
-	return cf
-}
-
-// buildClassFullLocked builds a class's full-map peers, keeping from old
-// (when set) the spans not in dirty, which hold none of the changed nodes.
-func (e *Engine) buildClassFullLocked(nodeID uint64, old *classFull, dirty map[uint64]bool) *classFull {
-	// The peer list is the class's cached one, not a copy: at thousands of
-	// classes a copy each took gigabytes.
-	cf := &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
-	var seen profileSet
-	addOwner := func(id uint64) {
-		if pn := e.nodes[id]; pn != nil {
+		// The peer list is the class's cached one, not a copy: at
+		// thousands of classes a copy each took gigabytes.
+		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
+		var seen profileSet
+		for _, p := range cf.peers {
+			pn := e.nodes[p.ID]
+			if pn == nil {
+				continue
+			}
 			if uid := ownerID(pn); !seen.seen[uid] {
 				seen.add(e, uid)
 				cf.owners = append(cf.owners, uid)
 			}
 		}
-	}
-	kept := map[uint64]*session.Chunk{}
-	if old != nil {
-		for _, uid := range old.owners {
-			seen.add(e, uid)
-			cf.owners = append(cf.owners, uid)
-		}
-		for _, sp := range old.spans {
-			if !dirty[sp.span] {
-				kept[sp.span] = sp.chunk
+		for rest := cf.peers; len(rest) > 0; {
+			span := rest[0].ID / chunkSpan
+			k := 0
+			for k < len(rest) && rest[k].ID/chunkSpan == span {
+				k++
 			}
+			cf.spans = append(cf.spans, peerSpan{span: span, peers: rest[:k], chunk: e.spanChunkLocked(rest[:k], 0, 0)})
+			rest = rest[k:]
 		}
-		for _, p := range cf.peers {
-			if dirty[p.ID/chunkSpan] {
-				addOwner(p.ID)
-			}
-		}
-	} else {
-		for _, p := range cf.peers {
-			addOwner(p.ID)
-		}
+		e.classFull[cl] = cf
 	}
-	for rest := cf.peers; len(rest) > 0; {
-		span := rest[0].ID / chunkSpan
-		k := 0
-		for k < len(rest) && rest[k].ID/chunkSpan == span {
-			k++
-		}
-		chunk := kept[span]
-		if chunk == nil {
-			chunk = e.spanChunkLocked(rest[:k], 0, 0)
-		}
-		cf.spans = append(cf.spans, peerSpan{span: span, peers: rest[:k], chunk: chunk})
-		rest = rest[k:]
-	}
+	cf.used, cf.usedTime = e.batchNo, time.Now()
 	return cf
-}
-
-// genChange is what one view generation changed: some nodes, or
-// everything (a recompilation or a full batch).
-type genChange struct {
-	gen   uint64
-	spans []uint64 // chunk spans of the changed nodes
-	all   bool
-}
-
-// genHistory is how many generations' changes are kept for
-// changedSinceLocked.
-const genHistory = 32
-
-// recordGenLocked notes what the batch that made generation e.viewGen
-// changed.
-func (e *Engine) recordGenLocked(b *batch) {
-	g := genChange{gen: e.viewGen, all: b.full || b.syncAll}
-	for id := range b.prev {
-		if !slices.Contains(g.spans, id/chunkSpan) {
-			g.spans = append(g.spans, id/chunkSpan)
-		}
-	}
-	e.genChanges = append(e.genChanges, g)
-	if len(e.genChanges) > genHistory {
-		e.genChanges = e.genChanges[len(e.genChanges)-genHistory:]
-	}
-}
-
-// knownSinceLocked reports whether the changes after generation gen are
-// all known and all node changes (not a change of the views).
-func (e *Engine) knownSinceLocked(gen uint64) bool {
-	if len(e.genChanges) == 0 || e.genChanges[0].gen > gen+1 {
-		return false
-	}
-	for _, g := range e.genChanges {
-		if g.gen > gen && g.all {
-			return false
-		}
-	}
-	return true
-}
-
-// dirtySpansSinceLocked returns the chunk spans holding nodes changed
-// after generation gen, or nil when that is not known or the views
-// themselves changed.
-func (e *Engine) dirtySpansSinceLocked(gen uint64) map[uint64]bool {
-	if !e.knownSinceLocked(gen) {
-		return nil
-	}
-	out := map[uint64]bool{}
-	for _, g := range e.genChanges {
-		if g.gen > gen {
-			for _, sp := range g.spans {
-				out[sp] = true
-			}
-		}
-	}
-	return out
 }
 
 // spanChunkLocked returns the chunk of peers without the nodes skip1 and
