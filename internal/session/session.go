@@ -234,21 +234,41 @@ type Writer interface {
 	Flush() error
 }
 
-// KeepAliveInterval is the idle time after which a keep-alive is sent
-// (plus up to keepAliveJitter, so sessions that started together do not
-// stay in step). Clients consider a stream dead after 120 s of silence
-// (controlclient's watchdog); each keep-alive costs the server about
-// 0.1 ms, so at 10,000 idle sessions the interval sets the idle CPU.
+// KeepAliveInterval is the idle time after which a keep-alive is sent, plus
+// up to keepAliveJitter so that sessions reset together (a delta sent to
+// every session) do not stay in step.
+//
+// tailscaled v1.102.5 ends a map stream that is silent for 120 s:
+// controlclient's watchdogTimeout (control/controlclient/direct.go:1054) is
+// reset before each message's length is read (direct.go:1301) and cancels the
+// long poll when it fires (direct.go:1213-1215); the client then reconnects
+// and gets a full map. Its health check warns after 125 s without a message
+// (health/health.go:1146). Nothing else keeps the stream alive: the client's
+// HTTP/2 transport sends no pings (control/ts2021/client.go:165-172), and a
+// keep-alive is only counted and skipped (direct.go:1363-1366). A
+// keep-alive is due 89-100 s after the last message (the tick below rounds
+// down), which leaves at least 20 s for a keep-alive delayed by a busy
+// server or by TCP retransmissions on a lossy link.
+//
+// Keep-alives are nearly all of an idle server's work: at 10,000 sessions
+// the interval sets how many are sent per second.
 const (
-	KeepAliveInterval = 60 * time.Second
+	KeepAliveInterval = 90 * time.Second
 	keepAliveJitter   = 10 * time.Second
+	// keepAliveTick aligns keep-alive deadlines to whole seconds, so that
+	// the ~100 keep-alives due each second at 10,000 sessions fire from one
+	// timer wake-up. Timers spread at random woke the idle process once per
+	// keep-alive, and those wake-ups (futex, epoll, thread hand-offs) were
+	// two thirds of a keep-alive's cost: 0.16 ms each, 0.05 ms aligned (see
+	// docs/benchmarks.md, idle). The write itself is one system call.
+	keepAliveTick = time.Second
 )
 
 // Run writes pending updates to w until ctx ends, the session is closed, or
 // a write fails.
 func (s *Session) Run(ctx context.Context, w Writer) error {
-	jitter := time.Duration(rand.Int64N(int64(keepAliveJitter)))
-	ka := time.NewTimer(KeepAliveInterval + jitter)
+	jitter := rand.N(keepAliveJitter)
+	ka := time.NewTimer(keepAliveDelay(time.Now(), jitter))
 	defer ka.Stop()
 	for {
 		select {
@@ -298,20 +318,21 @@ func (s *Session) Run(ctx context.Context, w Writer) error {
 				}
 			}
 		}
-		if !ka.Stop() {
-			select {
-			case <-ka.C:
-			default:
-			}
-		}
-		ka.Reset(KeepAliveInterval + jitter)
+		ka.Reset(keepAliveDelay(time.Now(), jitter))
 	}
+}
+
+// keepAliveDelay is how long after now the next keep-alive is due: the
+// interval plus the session's jitter, rounded down to a keepAliveTick.
+func keepAliveDelay(now time.Time, jitter time.Duration) time.Duration {
+	return now.Add(KeepAliveInterval + jitter).Truncate(keepAliveTick).Sub(now)
 }
 
 var (
 	keepAliveMsg = []byte(`{"KeepAlive":true}`)
 	// keepAliveZstd is compressed once: 10,000 idle sessions send about
-	// 200 keep-alives a second.
+	// 105 keep-alives a second. The bytes never change, so clients match
+	// them without decompressing (controlclient direct.go:1489).
 	keepAliveZstd = zstdframe.AppendEncode(nil, keepAliveMsg, zstdframe.FastestCompression)
 )
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"tailscale.com/tailcfg"
@@ -145,6 +146,47 @@ func TestKeepAliveFrameIsValid(t *testing.T) {
 	if err := json.Unmarshal(buf.Bytes()[4:], &m); err != nil || !m.KeepAlive {
 		t.Fatalf("keepalive: %v %+v", err, m)
 	}
+}
+
+// tailscaled ends a map stream after 120 s without a message
+// (controlclient's watchdogTimeout).
+const clientWatchdog = 120 * time.Second
+
+// TestKeepAliveTiming checks that keep-alives follow 89-100 s of silence,
+// well inside the client's watchdog, and fall on whole seconds, so that
+// sessions due in the same second fire from one timer wake-up.
+func TestKeepAliveTiming(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		for i := range 20 {
+			s := New(uint64(i), false)
+			f := newFrames()
+			go s.Run(ctx, f)
+			// Start the silence off the tick grid, after a delta.
+			time.Sleep(time.Duration(i) * 37 * time.Millisecond)
+			s.Push(&Update{PeersChanged: map[uint64]json.RawMessage{7: peer(7)}})
+			<-f.got
+			for range 3 {
+				last := time.Now()
+				<-f.got
+				silence := time.Since(last)
+				if silence < KeepAliveInterval-keepAliveTick || silence > KeepAliveInterval+keepAliveJitter {
+					t.Fatalf("session %d: keep-alive after %v of silence", i, silence)
+				}
+				if silence > clientWatchdog-20*time.Second {
+					t.Fatalf("session %d: %v of silence leaves under 20 s before the client's watchdog", i, silence)
+				}
+				if time.Now().Nanosecond() != 0 {
+					t.Fatalf("session %d: keep-alive at %v, not on a whole second", i, time.Now())
+				}
+			}
+			ms := f.messages(t)
+			if len(ms) != 4 || !ms[1].KeepAlive || !ms[3].KeepAlive {
+				t.Fatalf("session %d: messages %+v", i, ms)
+			}
+		}
+	})
 }
 
 func TestFullMapPartsDecodeAsOneMessage(t *testing.T) {
