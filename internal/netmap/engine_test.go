@@ -26,17 +26,7 @@ import (
 // user sessions (autogroup:member reaches autogroup:member, so their
 // filters' source lists and peers change), never tag:ops.
 func TestJoinReachesOnlyViewers(t *testing.T) {
-	tn := benchTailnet{policy: scopedPolicy}
-	for u := range 3 {
-		tn.users = append(tn.users, fmt.Sprintf("user%d", u))
-	}
-	for i := range 60 {
-		n := benchNode{user: i % 3}
-		if i%10 == 7 {
-			n = benchNode{user: 0, tags: []string{"tag:ops"}}
-		}
-		tn.nodes = append(tn.nodes, n)
-	}
+	tn := smallTailnet(scopedPolicy, 3, 60, func(i int) bool { return i%10 == 7 }, "tag:ops")
 	f := newBenchFixture(t, tn)
 	f.drainAll()
 	ops, members := map[uint64]bool{}, map[uint64]bool{}
@@ -47,7 +37,6 @@ func TestJoinReachesOnlyViewers(t *testing.T) {
 			members[f.ids[i]] = true
 		}
 	}
-	ctx := context.Background()
 	for _, tc := range []struct {
 		name string
 		n    benchNode
@@ -56,22 +45,49 @@ func TestJoinReachesOnlyViewers(t *testing.T) {
 		{"tag:secret", benchNode{user: 0, tags: []string{"tag:secret"}}, ops},
 		{"user node", benchNode{user: 1}, members},
 	} {
-		k, ok := f.keys[keyOf(tc.n.user, tc.n.tags)]
-		if !ok {
-			ks, err := f.st.CreateKeys(ctx, state.KeyParams{User: f.users[tc.n.user], Reusable: true, Tags: tc.n.tags}, 1)
-			if err != nil {
-				t.Fatal(err)
-			}
-			k = ks[0].Key
+		f.join(t, tc.n)
+		checkReceivers(t, tc.name+" joins", f.drainAll(), tc.want, len(f.sessions))
+	}
+}
+
+// smallTailnet has users user0..userN-1 owning nodes in turn, except
+// the nodes tagged says are tagged with tag (owned by user0).
+func smallTailnet(policy []byte, users, nodes int, tagged func(i int) bool, tag string) benchTailnet {
+	tn := benchTailnet{policy: policy}
+	for u := range users {
+		tn.users = append(tn.users, fmt.Sprintf("user%d", u))
+	}
+	for i := range nodes {
+		n := benchNode{user: i % users}
+		if tagged(i) {
+			n = benchNode{user: 0, tags: []string{tag}}
 		}
-		res, err := f.st.Register(ctx, state.RegisterParams{MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
-			AuthKey: k, Hostinfo: &tailcfg.Hostinfo{Hostname: "joiner"}})
+		tn.nodes = append(tn.nodes, n)
+	}
+	return tn
+}
+
+// join registers a node like n (with a reusable key of its user and tags)
+// and runs the batch that publishes it.
+func (f *benchFixture) join(t *testing.T, n benchNode) uint64 {
+	t.Helper()
+	ctx := context.Background()
+	k, ok := f.keys[keyOf(n.user, n.tags)]
+	if !ok {
+		ks, err := f.st.CreateKeys(ctx, state.KeyParams{User: f.users[n.user], Reusable: true, Tags: n.tags}, 1)
 		if err != nil {
 			t.Fatal(err)
 		}
-		f.e.process(map[uint64]struct{}{res.Node.ID: {}}, false, false)
-		checkReceivers(t, tc.name+" joins", f.drainAll(), tc.want, len(f.sessions))
+		k = ks[0].Key
+		f.keys[keyOf(n.user, n.tags)] = k
 	}
+	res, err := f.st.Register(ctx, state.RegisterParams{MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
+		AuthKey: k, Hostinfo: &tailcfg.Hostinfo{Hostname: "joiner"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.e.process(map[uint64]struct{}{res.Node.ID: {}}, false, false)
+	return res.Node.ID
 }
 
 // TestJoinBurstSyncsFiltersOnce: in a burst of joins, the filters and SSH
@@ -79,32 +95,14 @@ func TestJoinReachesOnlyViewers(t *testing.T) {
 // policySyncEvery; peers still arrive with every batch, and the deferred
 // sync, when due, sends the chunks changed by every join since.
 func TestJoinBurstSyncsFiltersOnce(t *testing.T) {
-	tn := benchTailnet{policy: []byte(`{
+	tn := smallTailnet([]byte(`{
   "tagOwners": {"tag:srv": ["user0@example.com"]},
   "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:srv:22", "autogroup:member:80"]}]
-}`)}
-	tn.users = []string{"user0", "user1"}
-	for i := range 20 {
-		n := benchNode{user: i % 2}
-		if i%5 == 0 {
-			n = benchNode{user: 0, tags: []string{"tag:srv"}}
-		}
-		tn.nodes = append(tn.nodes, n)
-	}
+}`), 2, 20, func(i int) bool { return i%5 == 0 }, "tag:srv")
 	f := newBenchFixture(t, tn)
 	f.drainAll()
 	srv := f.ids[0]
-	join := func(user int) uint64 {
-		t.Helper()
-		k := f.keys[keyOf(user, nil)]
-		res, err := f.st.Register(context.Background(), state.RegisterParams{MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
-			AuthKey: k, Hostinfo: &tailcfg.Hostinfo{Hostname: "joiner"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.e.process(map[uint64]struct{}{res.Node.ID: {}}, false, false)
-		return res.Node.ID
-	}
+	join := func(user int) uint64 { return f.join(t, benchNode{user: user}) }
 	srcOf := func(m []tailcfg.MapResponse) []string {
 		var out []string
 		for _, r := range m {

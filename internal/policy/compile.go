@@ -136,9 +136,11 @@ type compiler struct {
 	userSrcCache  map[uint64][]string
 
 	// active marks the rules with at least one source address; the others
-	// compile to nothing.
-	active []bool
-	hasVia bool
+	// compile to nothing. selfRules are the rules with an autogroup:self
+	// destination, which AddNodes walks for every user node it adds.
+	active    []bool
+	selfRules []int
+	hasVia    bool
 	// anyDstReachedBy are the classes that are sources of rules to "*",
 	// and anyDst those rules' source prefixes.
 	anyDstReachedBy bitset
@@ -620,6 +622,9 @@ func (cp *compiler) compileRules() {
 		r := &c.p.rules[ri]
 		if len(r.via) > 0 {
 			cp.hasVia = true
+		}
+		if slices.ContainsFunc(r.dst, func(d dstEntry) bool { return d.a.kind == akSelf }) {
+			cp.selfRules = append(cp.selfRules, ri)
 		}
 		if len(r.src) == 0 || len(r.dst) == 0 {
 			continue

@@ -274,9 +274,9 @@ func (a *adder) selfNode(i int) {
 	ci := c.classOf[i]
 	isFresh := a.direct[ci] != nil
 	ucl := cp.userClasses[n.UserID]
-	for ri := range c.p.rules {
+	for _, ri := range cp.selfRules {
 		r := &c.p.rules[ri]
-		if !cp.active[ri] || !slices.ContainsFunc(r.dst, func(d dstEntry) bool { return d.a.kind == akSelf }) {
+		if !cp.active[ri] {
 			continue
 		}
 		in := cp.inSrc(r, ci)
