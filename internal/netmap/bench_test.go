@@ -254,7 +254,7 @@ var sentinelFrame = func() []byte {
 		panic(err)
 	}
 	var w bytes.Buffer
-	if _, err := session.WriteFrame(&w, msg, false); err != nil {
+	if _, err := session.WriteFrame(&w, session.JoinParts(msg, false), false); err != nil {
 		panic(err)
 	}
 	return w.Bytes()

@@ -59,12 +59,11 @@ func (b *batch) patch(old, cur *state.Node) *tailcfg.PeerChange {
 
 // result returns the update, or nil when there is nothing to send.
 func (d *update) result() *session.Update {
-	for _, p := range d.prof.list {
-		b, _ := json.Marshal(p)
+	for i, b := range d.prof.list {
 		if d.u.UserProfiles == nil {
 			d.u.UserProfiles = map[uint64]json.RawMessage{}
 		}
-		d.u.UserProfiles[uint64(p.ID)] = b
+		d.u.UserProfiles[uint64(d.prof.ids[i])] = b
 	}
 	u := &d.u
 	if u.Self == nil && u.PacketFilters == nil && u.SSHPolicy == nil && len(u.PeersChanged) == 0 &&
@@ -97,7 +96,7 @@ func (e *Engine) filterAndSelf(ss *sessState, b *batch, d *update, filters bool)
 // nil. After a recompilation (b.syncAll) that is the whole filter with the
 // "*" reset, when its hash differs from the one the session holds;
 // otherwise the chunks joins changed since the session last synced.
-func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string]json.RawMessage {
+func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string][]session.Part {
 	id := ss.s.NodeID
 	since := ss.filterGen
 	ss.filterGen = e.compiled.Gen()
@@ -113,7 +112,7 @@ func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string]json.RawM
 	if len(chs) == 0 {
 		return nil
 	}
-	pf := make(map[string]json.RawMessage, len(chs))
+	pf := make(map[string][]session.Part, len(chs))
 	for _, ch := range chs {
 		pf[ch.Name] = e.filterEnc.encode(ch.Rules)
 	}

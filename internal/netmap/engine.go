@@ -83,13 +83,18 @@ type Engine struct {
 	// batches that changed a node or the compilation, which invalidate it.
 	classFull map[int]*classFull
 	viewGen   uint64
+	viewSteps []viewStep
 	// syncPending are the classes whose filter or SSH policy joins
 	// changed since lastSync; syncTimer wakes Run when a sync is due.
 	syncPending map[int]bool
 	lastSync    time.Time
 	syncTimer   *time.Timer
-	// filterEnc encodes filters, caching shared source lists per compilation.
+	// filterEnc encodes filters, caching shared source lists.
 	filterEnc *filterEncoder
+	// profJSON caches user profiles as clients see them, and profChunks
+	// lists of them for full maps, by a hash of the users.
+	profJSON   map[tailcfg.UserID][]byte
+	profChunks map[uint64]*profChunk
 	// filterSeed seeds the hashes by which sessions remember their filter.
 	filterSeed maphash.Seed
 }
@@ -110,8 +115,8 @@ type classEnc struct {
 // "*" reset, as a full batch sends them), as the PacketFilters object of a
 // full map, and the hash a session keeps to compare it with a later one.
 type filterEnc struct {
-	chunks map[string]json.RawMessage
-	obj    json.RawMessage
+	chunks map[string][]session.Part
+	obj    []session.Part
 	sum    uint64
 }
 
@@ -145,7 +150,7 @@ func New(opts Options) *Engine {
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
 		enc: map[*state.Node]*peerEnc{}, classEnc: map[int]*classEnc{}, batchDone: make(chan struct{}),
-		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, syncPending: map[int]bool{}, filterEnc: newFilterEncoder(), filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
+		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, syncPending: map[int]bool{}, filterEnc: newFilterEncoder(), profJSON: map[tailcfg.UserID][]byte{}, profChunks: map[uint64]*profChunk{}, filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -318,6 +323,8 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		}
 	}
 	if usersChanged {
+		clear(e.profJSON)
+		clear(e.profChunks)
 		clear(e.users)
 		for _, u := range e.st.Users() {
 			e.users[u.ID] = u
@@ -340,6 +347,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	e.planSyncLocked(b)
 	if len(b.prev) > 0 || b.full {
 		e.viewGen++ // encodings or views changed: cached full-map peers are stale
+		e.recordViewStepLocked(b)
 	}
 	b.newCompiled, b.same = e.compiled, map[[2]int]bool{}
 	var oldViews, newViews *classViews
@@ -587,8 +595,8 @@ func (e *Engine) addNodesLocked(ids []uint64) (map[int]bool, bool) {
 	}
 	// Peer lists of classes that see a joined node grew.
 	clear(e.classPeers)
-	// Source lists changed: their cached escapes would only leak.
-	e.filterEnc = newFilterEncoder()
+	// Source lists changed: the replaced ones' encodings would only leak.
+	e.filterEnc.sweep()
 	return dirty, true
 }
 
@@ -664,19 +672,35 @@ func (e *Engine) filterLocked(nodeID uint64) *filterEnc {
 	if ce.shared && ce.filter != nil {
 		return ce.filter
 	}
-	f := &filterEnc{chunks: map[string]json.RawMessage{"*": nil}}
+	f := &filterEnc{chunks: map[string][]session.Part{"*": nil}}
 	chs := e.compiled.FilterChunks(nodeID)
-	f.obj = append(f.obj, `{"*":null`...)
+	obj := &parts{b: []byte(`{"*":null`)}
 	for _, ch := range chs {
 		enc := e.filterEnc.encode(ch.Rules)
 		f.chunks[ch.Name] = enc
-		f.obj = append(f.obj, ',')
-		f.obj = appendJSONString(f.obj, ch.Name)
-		f.obj = append(f.obj, ':')
-		f.obj = append(f.obj, enc...)
+		obj.b = append(obj.b, ',')
+		obj.b = appendJSONString(obj.b, ch.Name)
+		obj.b = append(obj.b, ':')
+		for _, p := range enc {
+			if p.Chunk != nil {
+				obj.chunk(p.Chunk)
+			} else {
+				obj.b = append(obj.b, p.Raw...)
+			}
+		}
 	}
-	f.obj = append(f.obj, '}')
-	f.sum = maphash.Bytes(e.filterSeed, f.obj) | 1 // never 0, "unknown"
+	obj.b = append(obj.b, '}')
+	f.obj = obj.result()
+	var h maphash.Hash
+	h.SetSeed(e.filterSeed)
+	for _, p := range f.obj {
+		if p.Chunk != nil {
+			h.Write(p.Chunk.JSON())
+		} else {
+			h.Write(p.Raw)
+		}
+	}
+	f.sum = h.Sum64() | 1 // never 0, "unknown"
 	if ce.shared {
 		ce.filter = f
 	}

@@ -2,6 +2,7 @@ package netmap
 
 import (
 	"encoding/json"
+	"slices"
 	"time"
 	"unsafe"
 
@@ -81,8 +82,13 @@ func equalEncs(a, b []*encoded) bool {
 func (e *Engine) sweepChunksLocked() {
 	cutoff := time.Now().Add(-chunkIdleTTL)
 	for cl, cf := range e.classFull {
-		if cf.gen != e.viewGen || e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) {
+		if e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) || !e.extendable(cf.gen) {
 			delete(e.classFull, cl)
+		}
+	}
+	for h, pc := range e.profChunks {
+		if e.batchNo-pc.used > chunkTTL || !pc.usedTime.After(cutoff) {
+			delete(e.profChunks, h)
 		}
 	}
 	for h, list := range e.chunks {
@@ -107,8 +113,6 @@ func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
 	ce, f := e.classEncLocked(n.ID), e.filterLocked(n.ID)
 	self := e.selfJSONLocked(n)
 	ss.self, ss.selfJSON, ss.filterSum, ss.filterGen, ss.ssh = n, self, f.sum, e.compiled.Gen(), ce.ssh
-	prof := profileSet{}
-	prof.add(e, ownerID(n))
 
 	// The class's peer list, shared by its members, minus this node. The
 	// first peer opens the Peers array in the header; the rest go in
@@ -132,36 +136,125 @@ func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
 		hb = append(hb, e.peerJSON(fn, first.AllowedIPs, first.PrimaryRoutes).full...)
 		parts = append(parts, session.Part{Raw: hb})
 		for _, sp := range cf.spans {
-			// The spans holding this node or the first peer are
-			// built for it; the others are the class's.
-			if sp.span == n.ID/chunkSpan || sp.span == first.ID/chunkSpan {
-				parts = append(parts, session.Part{Chunk: e.spanChunkLocked(sp.peers, n.ID, first.ID)})
-			} else {
-				parts = append(parts, session.Part{Chunk: sp.chunk})
+			switch {
+			case sp.span == n.ID/chunkSpan:
+				parts = e.ownSpanPartsLocked(parts, sp.peers, n.ID, first.ID)
+			case sp.span == first.ID/chunkSpan:
+				// Every member but the first peer itself has the
+				// same span without it: cached as one chunk.
+				parts = appendChunk(parts, e.spanChunkLocked(sp.peers, first.ID, first.ID))
+			default:
+				parts = appendChunk(parts, sp.chunk)
 			}
 		}
 		head = session.ContinueObj("]")
 	}
-	for _, uid := range cf.owners {
-		prof.add(e, uid)
-	}
 	head.Raw("DNSConfig", e.dnsJSON)
 	head.Value("Domain", e.static.BaseDomain)
 	head.Value("CollectServices", opt.False)
-	head.Raw("PacketFilters", f.obj)
-	head.Value("UserProfiles", prof.list)
+	head.RawParts("PacketFilters", f.obj)
+	head.RawParts("UserProfiles", e.profilePartsLocked(cf, ownerID(n)))
 	head.Raw("SSHPolicy", ce.ssh)
 	head.Value("ControlTime", time.Now().UTC())
-	return append(parts, session.Part{Raw: head.Bytes()})
+	return append(parts, head.Parts()...)
+}
+
+// miniSpan divides the span holding the session's own node: without that
+// node it is a list only this session gets, compressed for it alone, so
+// it is built from miniSpan-ID pieces of which only the one holding the
+// node is the session's own. Rebuilding whole 256-peer spans per first
+// map was most of the per-session compression in a join storm.
+const miniSpan = 16
+
+// ownSpanPartsLocked appends the span of peers that holds the session's
+// own node (skip1), without it and without the header's peer (skip2).
+func (e *Engine) ownSpanPartsLocked(parts []session.Part, peers []policy.Peer, skip1, skip2 uint64) []session.Part {
+	for rest := peers; len(rest) > 0; {
+		m := rest[0].ID / miniSpan
+		k := 0
+		for k < len(rest) && rest[k].ID/miniSpan == m {
+			k++
+		}
+		parts = appendChunk(parts, e.spanChunkLocked(rest[:k], skip1, skip2))
+		rest = rest[k:]
+	}
+	return parts
+}
+
+// appendChunk appends a chunk of peers, unless it has none.
+func appendChunk(parts []session.Part, c *session.Chunk) []session.Part {
+	if c == nil {
+		return parts
+	}
+	return append(parts, session.Part{Chunk: c})
+}
+
+// profileChunkLocked returns the profiles of the users, comma-separated,
+// as a chunk shared by every class with the same owners in the same order
+// (most classes of a large tailnet see everybody).
+func (e *Engine) profileChunkLocked(uids []tailcfg.UserID) *session.Chunk {
+	var h uint64 = 14695981039346656037
+	for _, uid := range uids {
+		h ^= uint64(uid)
+		h *= 1099511628211
+	}
+	if pc := e.profChunks[h]; pc != nil && slices.Equal(pc.uids, uids) {
+		pc.used, pc.usedTime = e.batchNo, time.Now()
+		return pc.chunk
+	}
+	var pb []byte
+	for _, uid := range uids {
+		if len(pb) > 0 {
+			pb = append(pb, ',')
+		}
+		pb = append(pb, e.profileJSONLocked(uid)...)
+	}
+	pc := &profChunk{uids: slices.Clone(uids), chunk: session.NewChunk(pb), used: e.batchNo, usedTime: time.Now()}
+	e.profChunks[h] = pc
+	return pc.chunk
+}
+
+// profChunk is a cached list of profiles.
+type profChunk struct {
+	uids     []tailcfg.UserID
+	chunk    *session.Chunk
+	used     uint64
+	usedTime time.Time
+}
+
+// profilePartsLocked returns the UserProfiles list of a full map: the
+// session's owner, then the class's shared chunk of its peers' owners.
+// Marshalling the profiles of a few thousand owners per first map was a
+// large part of a join storm's cost.
+func (e *Engine) profilePartsLocked(cf *classFull, own tailcfg.UserID) []session.Part {
+	if cf.profiles == nil {
+		cf.profiles = e.profileChunkLocked(cf.owners)
+	}
+	b := []byte{'['}
+	if !cf.seen[own] {
+		if pj := e.profileJSONLocked(own); pj != nil {
+			b = append(b, pj...)
+			if len(cf.profiles.JSON()) > 0 {
+				b = append(b, ',')
+			}
+		}
+	}
+	if len(cf.profiles.JSON()) == 0 {
+		return []session.Part{{Raw: append(b, ']')}}
+	}
+	return []session.Part{{Raw: b}, {Chunk: cf.profiles}, {Raw: []byte{']'}}}
 }
 
 // classFull is a class's peers as full maps carry them, valid while the
-// tailnet's nodes and the compilation stay as they were (viewGen).
+// tailnet's nodes and the compilation stay as they were (viewGen), and
+// extended in place by batches that only add nodes or change them softly.
 type classFull struct {
 	gen      uint64
 	peers    []policy.Peer
 	spans    []peerSpan
 	owners   []tailcfg.UserID // of the peers, in order, without repeats
+	seen     map[tailcfg.UserID]bool
+	profiles *session.Chunk // owners' profiles, comma-separated
 	used     uint64
 	usedTime time.Time
 }
@@ -173,6 +266,60 @@ type peerSpan struct {
 	chunk *session.Chunk
 }
 
+// viewStep is an incremental batch that changed the view generation: the
+// nodes it added and those it changed without changing any peer list.
+type viewStep struct {
+	gen   uint64
+	added []uint64
+	soft  []uint64
+}
+
+// maxViewSteps is how many incremental batches a class's full-map peers
+// can be brought forward over.
+const maxViewSteps = 16
+
+// recordViewStepLocked notes a new view generation: an incremental step
+// when b only added nodes or changed them softly under an extended (not
+// recompiled) compilation, else a break that full-map peers cannot be
+// brought forward over.
+func (e *Engine) recordViewStepLocked(b *batch) {
+	if b.full || b.syncAll || len(b.removed) > 0 {
+		e.viewSteps = e.viewSteps[:0]
+		return
+	}
+	if len(e.viewSteps) == maxViewSteps {
+		e.viewSteps = slices.Delete(e.viewSteps, 0, 1)
+	}
+	e.viewSteps = append(e.viewSteps, viewStep{gen: e.viewGen, added: slices.Clone(b.added), soft: slices.Clone(b.soft)})
+}
+
+// extendable reports whether full-map peers built at view generation gen
+// are current or can be brought forward.
+func (e *Engine) extendable(gen uint64) bool {
+	if gen == e.viewGen {
+		return true
+	}
+	n := len(e.viewSteps)
+	return n > 0 && e.viewSteps[n-1].gen == e.viewGen && e.viewSteps[0].gen <= gen+1
+}
+
+// stepsSince returns the nodes added and softly changed since view
+// generation gen, or false when a batch since then was not incremental or
+// is no longer recorded.
+func (e *Engine) stepsSince(gen uint64) (added, soft []uint64, ok bool) {
+	if !e.extendable(gen) {
+		return nil, nil, false
+	}
+	for _, st := range e.viewSteps {
+		if st.gen > gen {
+			added = append(added, st.added...)
+			soft = append(soft, st.soft...)
+		}
+	}
+	slices.Sort(added)
+	return added, soft, true
+}
+
 // classFullLocked returns the class's full-map peers, building them once
 // per class and view generation. Looking up each peer's encoding for
 // every full map was the largest cost of a reconnect storm (27% of the
@@ -180,44 +327,109 @@ type peerSpan struct {
 func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 	cl := e.compiled.ClassOf(nodeID)
 	cf := e.classFull[cl]
-	if cf == nil || cf.gen != e.viewGen {
+	if cf != nil && cf.gen != e.viewGen {
+		cf = e.extendClassFullLocked(cf, nodeID)
+	}
+	if cf == nil {
 		// The peer list is the class's cached one, not a copy: at
 		// thousands of classes a copy each took gigabytes.
-		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
-		var seen profileSet
+		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID), seen: map[tailcfg.UserID]bool{}}
 		for _, p := range cf.peers {
-			pn := e.nodes[p.ID]
-			if pn == nil {
-				continue
-			}
-			if uid := ownerID(pn); !seen.seen[uid] {
-				seen.add(e, uid)
-				cf.owners = append(cf.owners, uid)
-			}
+			cf.addOwner(e, p.ID)
 		}
-		for rest := cf.peers; len(rest) > 0; {
-			span := rest[0].ID / chunkSpan
-			k := 0
-			for k < len(rest) && rest[k].ID/chunkSpan == span {
-				k++
-			}
-			cf.spans = append(cf.spans, peerSpan{span: span, peers: rest[:k], chunk: e.spanChunkLocked(rest[:k], 0, 0)})
-			rest = rest[k:]
-		}
-		e.classFull[cl] = cf
+		cf.spans = e.spansLocked(cf.peers, nil, nil)
 	}
+	e.classFull[cl] = cf
 	cf.used, cf.usedTime = e.batchNo, time.Now()
 	return cf
 }
 
+func (cf *classFull) addOwner(e *Engine, id uint64) {
+	pn := e.nodes[id]
+	if pn == nil {
+		return
+	}
+	if uid := ownerID(pn); !cf.seen[uid] && e.profileJSONLocked(uid) != nil {
+		cf.seen[uid] = true
+		cf.owners = append(cf.owners, uid)
+		cf.profiles = nil
+	}
+}
+
+// extendClassFullLocked brings a class's full-map peers forward over the
+// incremental batches since it was built: joined nodes the class sees are
+// appended (node IDs only grow) and only the spans holding joined or
+// changed nodes get new chunks. Rebuilding every class's list and spans
+// after each batch of joins was an eighth of a join storm's CPU. It
+// returns nil when the list must be built anew.
+func (e *Engine) extendClassFullLocked(old *classFull, nodeID uint64) *classFull {
+	added, soft, ok := e.stepsSince(old.gen)
+	if !ok {
+		return nil
+	}
+	var last uint64
+	if n := len(old.peers); n > 0 {
+		last = old.peers[n-1].ID
+	}
+	if len(added) > 0 && added[0] <= last {
+		return nil
+	}
+	// The old entry is replaced, so its slices and set are reused.
+	cf := &classFull{gen: e.viewGen, peers: old.peers, owners: old.owners, seen: old.seen, profiles: old.profiles}
+	dirty := map[uint64]bool{}
+	for _, id := range soft {
+		dirty[id/chunkSpan] = true
+	}
+	for _, id := range added {
+		p, ok := e.compiled.ClassPeer(nodeID, id)
+		if !ok {
+			continue
+		}
+		cf.peers = append(cf.peers, p)
+		dirty[id/chunkSpan] = true
+		cf.addOwner(e, id)
+	}
+	cf.spans = e.spansLocked(cf.peers, old.spans, dirty)
+	return cf
+}
+
+// spansLocked divides a peer list into chunks by node-ID span, reusing
+// the chunks of old spans that are not dirty.
+func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint64]bool) []peerSpan {
+	var out []peerSpan
+	for rest := peers; len(rest) > 0; {
+		span := rest[0].ID / chunkSpan
+		k := 0
+		for k < len(rest) && rest[k].ID/chunkSpan == span {
+			k++
+		}
+		for len(old) > 0 && old[0].span < span {
+			old = old[1:]
+		}
+		var ch *session.Chunk
+		if len(old) > 0 && old[0].span == span && !dirty[span] {
+			ch = old[0].chunk
+		} else {
+			ch = e.spanChunkLocked(rest[:k], 0, 0)
+		}
+		out = append(out, peerSpan{span: span, peers: rest[:k], chunk: ch})
+		rest = rest[k:]
+	}
+	return out
+}
+
 // spanChunkLocked returns the chunk of peers without the nodes skip1 and
-// skip2 (the session's own node and the peer its header holds).
+// skip2 (the session's own node and the peer its header holds), nil if
+// none is left.
 func (e *Engine) spanChunkLocked(peers []policy.Peer, skip1, skip2 uint64) *session.Chunk {
 	encs := make([]*encoded, 0, len(peers))
 	for _, p := range peers {
 		if pn := e.nodes[p.ID]; pn != nil && p.ID != skip1 && p.ID != skip2 {
 			encs = append(encs, e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes))
 		}
+	}
+	if len(encs) == 0 {
+		return nil
 	}
 	return e.chunkLocked(encs)
 }
@@ -234,10 +446,11 @@ func (e *Engine) classPeersLocked(nodeID uint64) []policy.Peer {
 	return l
 }
 
-// profileSet collects the user profiles a message must carry.
+// profileSet collects the user profiles a message must carry, encoded.
 type profileSet struct {
 	seen map[tailcfg.UserID]bool
-	list []tailcfg.UserProfile
+	ids  []tailcfg.UserID
+	list [][]byte
 }
 
 func (ps *profileSet) add(e *Engine, uid tailcfg.UserID) {
@@ -248,11 +461,29 @@ func (ps *profileSet) add(e *Engine, uid tailcfg.UserID) {
 		ps.seen = map[tailcfg.UserID]bool{}
 	}
 	ps.seen[uid] = true
-	if uid == TaggedUserID {
-		ps.list = append(ps.list, taggedProfile)
-	} else if u := e.users[uint64(uid)]; u != nil {
-		ps.list = append(ps.list, profileOf(u))
+	if b := e.profileJSONLocked(uid); b != nil {
+		ps.ids = append(ps.ids, uid)
+		ps.list = append(ps.list, b)
 	}
+}
+
+// profileJSONLocked returns a user's profile as clients see it, encoded
+// once per version of the users.
+func (e *Engine) profileJSONLocked(uid tailcfg.UserID) []byte {
+	if b, ok := e.profJSON[uid]; ok {
+		return b
+	}
+	var p tailcfg.UserProfile
+	if uid == TaggedUserID {
+		p = taggedProfile
+	} else if u := e.users[uint64(uid)]; u != nil {
+		p = profileOf(u)
+	} else {
+		return nil
+	}
+	b, _ := json.Marshal(p)
+	e.profJSON[uid] = b
+	return b
 }
 
 func (e *Engine) selfJSONLocked(n *state.Node) json.RawMessage {

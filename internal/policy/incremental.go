@@ -35,6 +35,7 @@ func (c *Compiled) AddNodes(nodes []Node) (changed []int, ok bool) {
 	for _, n := range nodes {
 		i := len(c.nodes)
 		c.nodes = append(c.nodes, n)
+		c.addrs = append(c.addrs, slices.Clip(n.addrPrefixes()))
 		c.byID[n.ID] = i
 		c.classOf = append(c.classOf, 0)
 		cp.nodeSels = append(cp.nodeSels, nil)

@@ -55,7 +55,8 @@ func (n *Node) IsTagged() bool { return len(n.Tags) > 0 }
 type Peer struct {
 	ID uint64
 	// AllowedIPs are the peer's addresses plus the routes through it that
-	// the viewer may use.
+	// the viewer may use. The slice may be shared with other Peers: read
+	// it, never modify it.
 	AllowedIPs []netip.Prefix
 	// PrimaryRoutes are the subnet routes the peer is primary for, limited to
 	// those relevant to the viewer.

@@ -27,6 +27,25 @@ func (c *Compiled) PeerView(viewerID, peerID uint64) (Peer, bool) {
 	return c.peerView(cl, pi), true
 }
 
+// ClassPeer reports whether peerID is in the peer list of nodeID's class
+// (ClassPeers, which holds the node itself when its class sees itself),
+// and how the class sees it.
+func (c *Compiled) ClassPeer(nodeID, peerID uint64) (Peer, bool) {
+	_, vi, ok := c.node(nodeID)
+	if !ok {
+		return Peer{}, false
+	}
+	_, pi, ok := c.node(peerID)
+	if !ok {
+		return Peer{}, false
+	}
+	cl := c.classes[c.classOf[vi]]
+	if !cl.visible.has(c.classOf[pi]) {
+		return Peer{}, false
+	}
+	return c.peerView(cl, pi), true
+}
+
 // FilterShared reports whether every node of nodeID's class receives the
 // same packet filter. It is false when a rule names the receiving node's
 // own addresses (autogroup:self destinations, app capability grants), so

@@ -9,6 +9,8 @@ import "encoding/json"
 type Obj struct {
 	b      []byte
 	fields int
+	// parts holds what precedes b when the object splices shared chunks.
+	parts []Part
 }
 
 // NewObj starts an object in buf (reused when non-nil).
@@ -61,6 +63,30 @@ func (o *Obj) RawList(name string, vs [][]byte) {
 	o.b = append(o.b, ']')
 }
 
+// RawParts adds a value made of parts: per-session bytes and shared
+// chunks, which stay separate parts of the message.
+func (o *Obj) RawParts(name string, ps []Part) {
+	if len(ps) == 0 {
+		return
+	}
+	o.key(name)
+	o.appendParts(ps)
+}
+
+func (o *Obj) appendParts(ps []Part) {
+	for _, p := range ps {
+		if p.Chunk == nil {
+			o.b = append(o.b, p.Raw...)
+			continue
+		}
+		if len(o.b) > 0 {
+			o.parts = append(o.parts, Part{Raw: o.b})
+			o.b = nil
+		}
+		o.parts = append(o.parts, p)
+	}
+}
+
 // Value adds v encoded with encoding/json (for small values).
 func (o *Obj) Value(name string, v any) error {
 	b, err := json.Marshal(v)
@@ -72,25 +98,38 @@ func (o *Obj) Value(name string, v any) error {
 }
 
 // Bytes closes the object and returns it.
-func (o *Obj) Bytes() []byte { return append(o.b, '}') }
+func (o *Obj) Bytes() []byte {
+	if len(o.parts) > 0 {
+		return JoinParts(o.Parts(), false)
+	}
+	return append(o.b, '}')
+}
 
-// filterChunks encodes a PacketFilters map whose values are pre-encoded
+// Parts closes the object and returns it as parts.
+func (o *Obj) Parts() []Part { return append(o.parts, Part{Raw: append(o.b, '}')}) }
+
+// filterChunks adds a PacketFilters map whose values are pre-encoded parts
 // (nil means JSON null).
-func filterChunks(m map[string]json.RawMessage) []byte {
+func (o *Obj) filterChunks(m map[string][]Part) {
 	keys := make([]string, 0, len(m))
 	for k := range m {
 		keys = append(keys, k)
 	}
 	sortStrings(keys)
-	o := NewObj(nil)
-	for _, k := range keys {
-		v := m[k]
-		if v == nil {
-			v = json.RawMessage("null")
+	o.key("PacketFilters")
+	o.b = append(o.b, '{')
+	for i, k := range keys {
+		if i > 0 {
+			o.b = append(o.b, ',')
 		}
 		kb, _ := json.Marshal(k)
-		o.key(string(kb[1 : len(kb)-1]))
-		o.b = append(o.b, v...)
+		o.b = append(o.b, kb...)
+		o.b = append(o.b, ':')
+		if v := m[k]; v == nil {
+			o.b = append(o.b, "null"...)
+		} else {
+			o.appendParts(v)
+		}
 	}
-	return o.Bytes()
+	o.b = append(o.b, '}')
 }

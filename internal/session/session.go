@@ -1,7 +1,8 @@
 // Package session owns one client's streaming map response: it keeps the
-// update not yet sent (merging newer ones into it, so a slow client costs
-// bounded memory, never a growing queue), writes length-prefixed, optionally
-// zstd-compressed messages, and sends keep-alives when idle.
+// updates not yet sent in a bounded queue (shared updates as they are,
+// private ones merged, everything merged into one when the queue is full,
+// so a slow client costs bounded memory), writes length-prefixed,
+// optionally zstd-compressed messages, and sends keep-alives when idle.
 package session
 
 import (
@@ -23,7 +24,9 @@ import (
 // Update is a change for one client. Zero fields mean "no change". Peer
 // encodings are shared, pre-encoded bytes (DESIGN principle 4).
 type Update struct {
-	// Full is a complete first map message, sent before anything else.
+	// Full is a complete first map message, sent before anything else:
+	// updates pushed while a session awaits its full map were computed
+	// relative to that map, so they follow it.
 	Full []Part
 	// Self is the client's own node, encoded.
 	Self json.RawMessage
@@ -35,8 +38,9 @@ type Update struct {
 	Patches map[uint64]*tailcfg.PeerChange
 	// Online changes by peer id.
 	Online map[uint64]bool
-	// PacketFilters replaces named filter chunks; nil value deletes one.
-	PacketFilters map[string]json.RawMessage
+	// PacketFilters replaces named filter chunks, each pre-encoded JSON
+	// as parts; a nil value deletes one.
+	PacketFilters map[string][]Part
 	// SSHPolicy replaces the SSH policy.
 	SSHPolicy json.RawMessage
 	// UserProfiles adds or updates profiles.
@@ -50,17 +54,22 @@ type Update struct {
 
 // Encoded is an update's message, built once on first use.
 type Encoded struct {
-	jsonOnce, zstdOnce sync.Once
-	json, zstd         []byte
-	err                error
+	partsOnce, jsonOnce, zstdOnce sync.Once
+	parts                         []Part
+	json, zstd                    []byte
+	err                           error
 }
 
 func (e *Encoded) get(u *Update, compress bool) ([]byte, error) {
-	e.jsonOnce.Do(func() { e.json, e.err = Encode(u) })
-	if e.err != nil || !compress {
-		return e.json, e.err
+	e.partsOnce.Do(func() { e.parts, e.err = Encode(u) })
+	if e.err != nil {
+		return nil, e.err
 	}
-	e.zstdOnce.Do(func() { e.zstd = zstdframe.AppendEncode(nil, e.json, zstdframe.FastestCompression) })
+	if !compress {
+		e.jsonOnce.Do(func() { e.json = JoinParts(e.parts, false) })
+		return e.json, nil
+	}
+	e.zstdOnce.Do(func() { e.zstd = JoinParts(e.parts, true) })
 	return e.zstd, nil
 }
 
@@ -70,15 +79,10 @@ func (u *Update) empty() bool {
 		len(u.UserProfiles) == 0
 }
 
-// merge folds a newer update n into u. The newest value of everything
-// wins; a peer change supersedes older patches and removal of that peer.
-//
-// A Full map is sent before the rest: updates pushed while a session awaits
-// its full map were computed relative to that map, so they follow it.
+// merge folds a newer update n (without Full) into u. The newest value of
+// everything wins; a peer change supersedes older patches and removal of
+// that peer.
 func (u *Update) merge(n *Update) {
-	if n.Full != nil {
-		u.Full = n.Full
-	}
 	if n.Self != nil {
 		u.Self = n.Self
 	}
@@ -105,7 +109,7 @@ func (u *Update) merge(n *Update) {
 	}
 	if n.PacketFilters != nil {
 		if _, reset := n.PacketFilters["*"]; reset || u.PacketFilters == nil {
-			u.PacketFilters = map[string]json.RawMessage{}
+			u.PacketFilters = map[string][]Part{}
 		}
 		for k, v := range n.PacketFilters {
 			u.PacketFilters[k] = v
@@ -157,50 +161,63 @@ type Session struct {
 	NodeID   uint64
 	compress bool
 
-	mu      sync.Mutex
-	pending Update
-	// shared is an update other sessions also received, not ours to
-	// modify; it is sent before pending, which then holds only what was
-	// pushed after it (the session's own part of a batch).
-	shared    *Update
+	mu sync.Mutex
+	// full is the first map, sent before the queue.
+	full []Part
+	// queue holds the updates not yet sent, in order. Shared ones (Shared
+	// set) other sessions also received and are not ours to modify;
+	// consecutive private ones are merged into one.
+	queue     []*Update
 	awaitFull bool // nothing is sent until the full map is pushed
 	wake      chan struct{}
 	done      chan struct{}
 	once      sync.Once
 }
 
+// maxQueue bounds a session's queue: beyond it every update is merged into
+// one private update, so a client that does not read costs bounded memory.
+// Below it shared updates stay as they are and are sent as they were
+// encoded once for every session: merging them for every session that
+// fell behind during a join storm re-encoded and compressed their peers
+// per session (a seventh of the server's CPU).
+const maxQueue = 16
+
 // New returns a session for a node; compress selects zstd.
 func New(nodeID uint64, compress bool) *Session {
 	return &Session{NodeID: nodeID, compress: compress, wake: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
-// Push merges u into the pending update and wakes the writer. It never
-// blocks, so the fan-out is never held up by a slow client.
+// Push queues u and wakes the writer. It never blocks, so the fan-out is
+// never held up by a slow client.
 func (s *Session) Push(u *Update) {
 	s.mu.Lock()
-	switch {
-	case s.pending.empty() && s.shared == nil && u.Shared != nil:
-		s.shared = u
-	case s.shared != nil && s.pending.empty() && u.Shared == nil && u.Full == nil:
-		// The session's own part of a batch whose shared part is
-		// pending: kept apart, so the shared encoding stays shared.
-		s.pending.merge(u)
-	default:
-		if s.shared != nil {
-			// Copy the shared update, then what followed it, before
-			// merging into it.
-			var all Update
-			all.merge(s.shared)
-			all.merge(&s.pending)
-			s.pending, s.shared = all, nil
-		}
-		if !s.pending.empty() {
-			metrics.QueueMerges.Inc()
-		}
-		s.pending.merge(u)
-	}
 	if u.Full != nil {
-		s.awaitFull = false
+		s.full, s.awaitFull = u.Full, false
+		rest := *u
+		rest.Full, rest.Shared = nil, nil
+		u = &rest
+	}
+	switch {
+	case u.empty():
+	case u.Shared != nil && len(s.queue) < maxQueue:
+		s.queue = append(s.queue, u)
+	case u.Shared == nil && len(s.queue) > 0 && s.queue[len(s.queue)-1].Shared == nil:
+		metrics.QueueMerges.Inc()
+		s.queue[len(s.queue)-1].merge(u)
+	case len(s.queue) < maxQueue:
+		var own Update
+		own.merge(u)
+		s.queue = append(s.queue, &own)
+	default:
+		// Full queue: everything folds into one private update, in
+		// order (newest wins).
+		metrics.QueueMerges.Inc()
+		var all Update
+		for _, q := range s.queue {
+			all.merge(q)
+		}
+		all.merge(u)
+		s.queue = append(s.queue[:0], &all)
 	}
 	s.mu.Unlock()
 	select {
@@ -290,36 +307,39 @@ func (s *Session) Run(ctx context.Context, w Writer) error {
 				s.mu.Unlock()
 				continue
 			}
-			u, shared := s.pending, s.shared
-			s.pending, s.shared = Update{}, nil
+			full, queue := s.full, s.queue
+			s.full, s.queue = nil, nil
 			s.mu.Unlock()
-			if shared != nil {
-				msg, err := shared.Shared.get(shared, s.compress)
-				if err != nil {
-					return err
-				}
-				if err := s.writeEncoded(w, msg, "delta"); err != nil {
+			if full != nil {
+				if err := s.writeParts(w, full, "full"); err != nil {
 					return err
 				}
 			}
-			if u.Full != nil {
-				if err := s.writeEncoded(w, JoinParts(u.Full, s.compress), "full"); err != nil {
-					return err
-				}
-				u.Full = nil
-			}
-			if !u.empty() {
-				msg, err := Encode(&u)
-				if err != nil {
-					return err
-				}
-				if err := s.writeFrame(w, msg, "delta"); err != nil {
+			for _, u := range queue {
+				if err := s.send(w, u); err != nil {
 					return err
 				}
 			}
 		}
 		ka.Reset(keepAliveDelay(time.Now(), jitter))
 	}
+}
+
+// send writes one queued update: a shared one as encoded for every
+// session, a private one encoded here.
+func (s *Session) send(w Writer, u *Update) error {
+	if u.Shared != nil {
+		msg, err := u.Shared.get(u, s.compress)
+		if err != nil {
+			return err
+		}
+		return s.writeEncoded(w, msg, "delta")
+	}
+	parts, err := Encode(u)
+	if err != nil {
+		return err
+	}
+	return s.writeParts(w, parts, "delta")
 }
 
 // keepAliveDelay is how long after now the next keep-alive is due: the
@@ -353,11 +373,12 @@ func WriteFrame(w io.Writer, msg []byte, compress bool) (int, error) {
 	return len(msg) + 4, nil
 }
 
-func (s *Session) writeFrame(w Writer, msg []byte, kind string) error {
-	if s.compress {
-		msg = zstdframe.AppendEncode(nil, msg, zstdframe.FastestCompression)
+func (s *Session) writeParts(w Writer, parts []Part, kind string) error {
+	n, err := writeParts(w, parts, s.compress)
+	if err != nil {
+		return err
 	}
-	return s.writeEncoded(w, msg, kind)
+	return s.flushed(w, n, kind)
 }
 
 // writeEncoded writes an already compressed (if asked) message.
@@ -366,6 +387,11 @@ func (s *Session) writeEncoded(w Writer, msg []byte, kind string) error {
 	if err != nil {
 		return err
 	}
+	return s.flushed(w, n, kind)
+}
+
+// flushed flushes a message of n bytes and counts it.
+func (s *Session) flushed(w Writer, n int, kind string) error {
 	if err := w.Flush(); err != nil {
 		return err
 	}

@@ -214,12 +214,11 @@ func TestFullMapPartsDecodeAsOneMessage(t *testing.T) {
 
 // TestOwnPartFollowsSharedPart: a session's own part of a batch (its
 // filter chunks) pushed after the batch's shared part is sent as a second
-// message, so the shared one is still encoded once for every session; a
-// later shared update folds all three in order, newest winning.
+// message, so the shared one is still encoded once for every session.
 func TestOwnPartFollowsSharedPart(t *testing.T) {
 	shared := &Update{PeersChanged: map[uint64]json.RawMessage{1: peer(1)}, Shared: new(Encoded)}
 	own := func(v string) *Update {
-		return &Update{PacketFilters: map[string]json.RawMessage{"0000001": json.RawMessage(`[{"SrcIPs":["` + v + `"]}]`)}}
+		return &Update{PacketFilters: map[string][]Part{"0000001": {{Raw: []byte(`[{"SrcIPs":["` + v + `"]}]`)}}}}
 	}
 	a, b := New(10, false), New(11, false)
 	a.Push(shared)
@@ -239,17 +238,85 @@ func TestOwnPartFollowsSharedPart(t *testing.T) {
 		t.Fatalf("b's own chunk: %s", got)
 	}
 
+	// A later shared update is queued after them as it is.
 	c := New(12, false)
 	c.Push(shared)
 	c.Push(own("100.64.0.3"))
-	c.Push(&Update{PeersChanged: map[uint64]json.RawMessage{2: peer(2)}, PacketFilters: own("100.64.0.4").PacketFilters, Shared: new(Encoded)})
+	later := &Update{PeersChanged: map[uint64]json.RawMessage{2: peer(2)}, Shared: new(Encoded)}
+	c.Push(later)
+	c.Push(own("100.64.0.4"))
 	fc := run(t, c)
-	fc.wait(t, 1)
+	fc.wait(t, 4)
 	ms := fc.messages(t)
-	if len(ms) != 1 || len(ms[0].PeersChanged) != 2 || ms[0].PacketFilters["0000001"][0].SrcIPs[0] != "100.64.0.4" {
-		t.Fatalf("want one merged message with both peers and the newest chunk: %+v", ms)
+	if len(ms) != 4 || ms[0].PeersChanged[0].ID != 1 || ms[1].PacketFilters["0000001"][0].SrcIPs[0] != "100.64.0.3" ||
+		ms[2].PeersChanged[0].ID != 2 || ms[3].PacketFilters["0000001"][0].SrcIPs[0] != "100.64.0.4" {
+		t.Fatalf("want shared, own, shared, own in order: %+v", ms)
 	}
 	if len(shared.PeersChanged) != 1 {
 		t.Fatalf("shared update modified by a merge: %d peers", len(shared.PeersChanged))
+	}
+}
+
+// TestFilterChunkPartsDecode: a filter chunk whose source list is a shared
+// chunk decodes, compressed or not, as the rule it stands for, and the
+// shared frame is spliced in as compressed once.
+func TestFilterChunkPartsDecode(t *testing.T) {
+	srcs := NewChunk([]byte(`["100.64.0.1","100.64.0.2"]`))
+	rule := []Part{{Raw: []byte(`[{"SrcIPs":`)}, {Chunk: srcs}, {Raw: []byte(`,"DstPorts":[{"IP":"100.64.0.3","Ports":{"First":22,"Last":22}}]}]`)}}
+	u := &Update{PacketFilters: map[string][]Part{"00007": rule, "*": nil}}
+	parts, err := Encode(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, compress := range []bool{false, true} {
+		msg := JoinParts(parts, compress)
+		if compress {
+			if !bytes.Contains(msg, srcs.compressed()) {
+				t.Fatal("source list frame not spliced")
+			}
+			if msg, err = zstdframe.AppendDecode(nil, msg); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var m tailcfg.MapResponse
+		if err := json.Unmarshal(msg, &m); err != nil {
+			t.Fatalf("compress=%v: %v %s", compress, err, msg)
+		}
+		r := m.PacketFilters["00007"]
+		if len(r) != 1 || len(r[0].SrcIPs) != 2 || r[0].DstPorts[0].IP != "100.64.0.3" {
+			t.Fatalf("compress=%v: %s", compress, msg)
+		}
+		if v, ok := m.PacketFilters["*"]; !ok || v != nil {
+			t.Fatalf("compress=%v: reset missing: %s", compress, msg)
+		}
+	}
+}
+
+// TestFullQueueMergesInOrder: a session that falls maxQueue updates behind
+// folds them into one merged message, newest winning, and what follows is
+// queued after it; the shared updates folded in are not modified.
+func TestFullQueueMergesInOrder(t *testing.T) {
+	s := New(1, false)
+	var shared []*Update
+	for i := range uint64(maxQueue + 3) {
+		u := &Update{PeersChanged: map[uint64]json.RawMessage{i: peer(i)}, Shared: new(Encoded)}
+		shared = append(shared, u)
+		s.Push(u)
+	}
+	s.Push(&Update{PeersRemoved: map[uint64]struct{}{3: {}}})
+	f := run(t, s)
+	f.wait(t, 4)
+	ms := f.messages(t)
+	if len(ms) != 4 {
+		t.Fatalf("%d messages, want the merged one, two shared, one own", len(ms))
+	}
+	if len(ms[0].PeersChanged) != maxQueue+1 || ms[1].PeersChanged[0].ID != maxQueue+1 ||
+		ms[2].PeersChanged[0].ID != maxQueue+2 || ms[3].PeersRemoved[0] != 3 {
+		t.Fatalf("messages: %+v", ms)
+	}
+	for _, u := range shared {
+		if len(u.PeersChanged) != 1 {
+			t.Fatal("a shared update was modified by the merge")
+		}
 	}
 }

@@ -1,0 +1,77 @@
+package netmap
+
+import (
+	"encoding/json"
+	"net/netip"
+	"slices"
+	"testing"
+
+	"tailscale.com/tailcfg"
+
+	"github.com/tailplane/tailplane/internal/session"
+	"github.com/tailplane/tailplane/internal/state"
+)
+
+// TestExtendedFullMapsMatchFresh: after batches of joins and soft changes,
+// full maps built from class peer lists brought forward
+// (extendClassFullLocked) are the maps a fresh build gives, and spans the
+// batches did not touch keep their chunks.
+func TestExtendedFullMapsMatchFresh(t *testing.T) {
+	tn := smallTailnet(scopedPolicy, 4, 300, func(i int) bool { return i%25 == 7 }, "tag:ops")
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	member, ops := f.ids[0], f.ids[7]
+
+	fullMap := func(id uint64) tailcfg.MapResponse {
+		t.Helper()
+		e := f.e
+		e.mu.Lock()
+		parts := e.fullPartsLocked(&sessState{}, e.nodes[id])
+		e.mu.Unlock()
+		var m tailcfg.MapResponse
+		if err := json.Unmarshal(session.JoinParts(parts, false), &m); err != nil {
+			t.Fatal(err)
+		}
+		m.ControlTime = nil
+		slices.SortFunc(m.UserProfiles, func(a, b tailcfg.UserProfile) int { return int(a.ID - b.ID) })
+		return m
+	}
+	for _, id := range []uint64{member, ops} {
+		fullMap(id) // builds the class's peers at this generation
+	}
+
+	for round := range 3 {
+		f.join(t, benchNode{user: 1 + round})
+		f.join(t, benchNode{user: 0, tags: []string{"tag:secret"}})
+		f.st.UpdateFromClient(f.ids[250+round], state.ClientUpdate{Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}})
+		f.e.process(map[uint64]struct{}{f.ids[250+round]: {}}, false, false)
+		for _, id := range []uint64{member, ops} {
+			got := fullMap(id)
+			f.e.mu.Lock()
+			clear(f.e.classFull)
+			f.e.mu.Unlock()
+			want := fullMap(id)
+			if g, w := mustJSON(t, got), mustJSON(t, want); g != w {
+				t.Fatalf("round %d, node %d: extended full map differs from a fresh one", round, id)
+			}
+		}
+	}
+	// Built fresh above; one more join extends it, and span 0 (node ids
+	// below chunkSpan, none joined or changed) keeps its chunk.
+	fullMap(member)
+	span0 := f.e.classFull[f.e.compiled.ClassOf(member)].spans[0].chunk
+	f.join(t, benchNode{user: 2})
+	fullMap(member)
+	if got := f.e.classFull[f.e.compiled.ClassOf(member)].spans[0].chunk; got != span0 {
+		t.Fatal("untouched span rebuilt: the class's peers were not brought forward")
+	}
+}
+
+func mustJSON(t *testing.T, v any) string {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
