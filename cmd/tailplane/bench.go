@@ -93,6 +93,7 @@ See docs/benchmarks.md for the figures measured and how to reproduce them.`,
 	f.BoolVar(&o.Ephemeral, "ephemeral", false, "register ephemeral nodes (removed after the run by servers that support it)")
 	f.DurationVar(&o.Hold, "hold", 10*time.Second, "keep streams open this long after all clients joined")
 	f.DurationVar(&o.ReconnectAt, "reconnect-at", 0, "drop and reconnect every client this long after all joined (a reconnect storm)")
+	f.BoolVar(&o.Redial, "redial", false, "reconnect streams that end unexpectedly, with backoff, instead of counting errors: restart the server during --hold to measure a restart storm")
 	f.IntVar(&o.Observers, "observers", 5, "clients that decode every message and track their peers")
 	f.IntVar(&expected, "expected-peers", 0, "peers every observer should reach (default N-1)")
 	f.DurationVar(&o.Timeout, "timeout", 10*time.Minute, "bound on the whole run")

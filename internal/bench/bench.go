@@ -76,6 +76,12 @@ type Options struct {
 	// no new registration), as after a server restart or a network outage.
 	ReconnectAt time.Duration
 
+	// Redial makes a client whose stream ends unexpectedly (the server
+	// restarted or went away) reconnect, retrying with backoff as
+	// tailscaled does, instead of counting an error. The result's redial
+	// section then describes the storm: restart the server during Hold.
+	Redial bool
+
 	// Observers is how many clients decode every map message and track
 	// their peer set. They are spread evenly over the client indices and
 	// always include client 0, which sees every later join as a delta.
@@ -271,6 +277,12 @@ type runner struct {
 	registerLat  []time.Duration
 	firstMapLat  []time.Duration
 	reconnectLat []time.Duration
+	// Redials after unplanned drops (Options.Redial): drop to new stream.
+	redialLat    []time.Duration
+	redialDrops  atomic.Int64
+	firstDrop    atomic.Int64 // unix nanos of the first unplanned drop
+	lastRedial   atomic.Int64 // unix nanos of the latest successful redial
+	redialFailed atomic.Int64
 
 	errs errorCounts
 	conv convergence
@@ -286,6 +298,7 @@ func newRunner(opts Options, t *target, keys []string) *runner {
 		registerLat:  make([]time.Duration, n),
 		firstMapLat:  make([]time.Duration, n),
 		reconnectLat: make([]time.Duration, n),
+		redialLat:    make([]time.Duration, n),
 	}
 	r.clients = make([]*client, n)
 	for i := range n {
@@ -371,6 +384,9 @@ func (r *runner) run(parent context.Context) *Result {
 	res.TimedOut = timeoutCtx.Err() != nil && parent.Err() == nil
 
 	// Snapshot everything that needs the streams still open, then stop.
+	if first := r.firstDrop.Load(); first > 0 {
+		res.Redial = &RedialResult{Convergence: r.convergenceSince(time.Unix(0, first))}
+	}
 	if res.Reconnect != nil {
 		res.Reconnect.Convergence = r.convergenceSince(res.Reconnect.start)
 	} else {

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -400,13 +401,14 @@ func (c *client) streamLoop(body io.ReadCloser) {
 		c.reconnect = false
 		nc := c.nc
 		stopping := r.stopping.Load()
-		if !planned || stopping {
+		redial := !planned && r.opts.Redial
+		if (!planned && !redial) || stopping {
 			c.live = false
 			c.nc = nil
 		}
 		c.mu.Unlock()
 
-		if !planned || stopping {
+		if (!planned && !redial) || stopping {
 			if planned {
 				r.pending.Add(-1)
 			}
@@ -415,7 +417,12 @@ func (c *client) streamLoop(body io.ReadCloser) {
 			r.fail("map_stream", err)
 			return
 		}
-		body = c.rejoin()
+		if redial {
+			nc.close()
+			body = c.redial(time.Now())
+		} else {
+			body = c.rejoin()
+		}
 		if body == nil {
 			c.mu.Lock()
 			c.live = false
@@ -423,13 +430,91 @@ func (c *client) streamLoop(body io.ReadCloser) {
 			c.mu.Unlock()
 			c.lost()
 		}
-		// Decrement only now, so that a failed rejoin is visible as a
-		// lost stream by the time reconnectAll stops waiting.
-		r.pending.Add(-1)
+		if planned {
+			// Decrement only now, so that a failed rejoin is visible
+			// as a lost stream by the time reconnectAll stops waiting.
+			r.pending.Add(-1)
+		}
 		if body == nil {
 			return
 		}
 	}
+}
+
+// redial reconnects after an unplanned drop, retrying with backoff (200 ms
+// doubling to 5 s, with jitter, as a client redials a restarting server)
+// until it succeeds or the run ends. It returns the new stream's body, or
+// nil.
+func (c *client) redial(drop time.Time) io.ReadCloser {
+	r := c.r
+	r.redialDrops.Add(1)
+	for {
+		old := r.firstDrop.Load()
+		if old != 0 || r.firstDrop.CompareAndSwap(0, drop.UnixNano()) {
+			break
+		}
+	}
+	if c.obs != nil {
+		c.obs.setConnected(false)
+	}
+	backoff := 200 * time.Millisecond
+	for {
+		body, stage, err := c.reopen()
+		if err == nil {
+			now := time.Now()
+			r.redialLat[c.idx] = now.Sub(drop)
+			r.noteJoinEvent(now)
+			for {
+				old := r.lastRedial.Load()
+				if old >= now.UnixNano() || r.lastRedial.CompareAndSwap(old, now.UnixNano()) {
+					break
+				}
+			}
+			return body
+		}
+		if r.ctx.Err() != nil {
+			r.redialFailed.Add(1)
+			r.fail("redial_"+stage, err)
+			return nil
+		}
+		t := time.NewTimer(backoff/2 + rand.N(backoff/2+1))
+		select {
+		case <-t.C:
+		case <-r.ctx.Done():
+			t.Stop()
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// reopen dials a new Noise connection and opens a streaming map poll on
+// it, bounded by the semaphore. On failure it names the stage that failed:
+// "connect" or "map".
+func (c *client) reopen() (io.ReadCloser, string, error) {
+	r := c.r
+	select {
+	case r.sem <- struct{}{}:
+	case <-r.ctx.Done():
+		return nil, "connect", r.ctx.Err()
+	}
+	defer func() { <-r.sem }()
+	nc, err := r.target.dial(r.ctx, c.machine, r.opts.RequestTimeout)
+	if err != nil {
+		return nil, "connect", err
+	}
+	body, err := c.openStream(nc)
+	if err != nil {
+		nc.close()
+		return nil, "map", err
+	}
+	c.mu.Lock()
+	c.nc = nc
+	c.mu.Unlock()
+	if c.obs != nil {
+		c.obs.setConnected(true)
+	}
+	r.open.Add(1)
+	return body, "", nil
 }
 
 // lost notes that the client no longer has a stream.
@@ -442,32 +527,15 @@ func (c *client) lost() {
 // rejoin reconnects after a planned drop: new Noise connection, new
 // streaming map poll. It returns the new stream's body, or nil on failure.
 func (c *client) rejoin() io.ReadCloser {
-	r := c.r
-	select {
-	case r.sem <- struct{}{}:
-	case <-r.ctx.Done():
-		return nil
-	}
-	defer func() { <-r.sem }()
 	t0 := time.Now()
-	nc, err := r.target.dial(r.ctx, c.machine, r.opts.RequestTimeout)
+	body, stage, err := c.reopen()
 	if err != nil {
-		r.fail("reconnect_connect", err)
-		return nil
-	}
-	body, err := c.openStream(nc)
-	if err != nil {
-		nc.close()
-		r.fail("reconnect_map", err)
+		c.r.fail("reconnect_"+stage, err)
 		return nil
 	}
 	now := time.Now()
-	r.reconnectLat[c.idx] = now.Sub(t0)
-	r.noteJoinEvent(now)
-	c.mu.Lock()
-	c.nc = nc
-	c.mu.Unlock()
-	r.open.Add(1)
+	c.r.reconnectLat[c.idx] = now.Sub(t0)
+	c.r.noteJoinEvent(now)
 	return body
 }
 

@@ -39,6 +39,7 @@ type Result struct {
 
 	Convergence Convergence      `json:"convergence"`
 	Reconnect   *ReconnectResult `json:"reconnect,omitempty"`
+	Redial      *RedialResult    `json:"redial,omitempty"`
 
 	MapMessages int64 `json:"map_messages"`
 	MapBytes    int64 `json:"map_bytes"` // on the wire inside Noise: length prefixes + (compressed) bodies
@@ -105,6 +106,17 @@ type ReconnectResult struct {
 	start time.Time
 }
 
+// RedialResult describes the reconnects after unplanned drops (a server
+// restart) with Options.Redial.
+type RedialResult struct {
+	Drops       int64       `json:"drops"`       // streams that ended unexpectedly
+	Reconnected int         `json:"reconnected"` // clients that got a first map again
+	Failed      int64       `json:"failed"`      // clients that gave up (the run ended first)
+	Seconds     float64     `json:"seconds"`     // first drop until the last reconnect
+	Latency     Latency     `json:"latency"`     // a client's drop until its new stream's first message
+	Convergence Convergence `json:"convergence"` // relative to the first drop
+}
+
 // ServerStats are read from /proc for Options.ServerPID.
 type ServerStats struct {
 	PID        int     `json:"pid"`
@@ -134,6 +146,15 @@ func (r *runner) fillResult(res *Result) {
 	if res.Reconnect != nil {
 		res.Reconnect.Latency = latencyOf(r.reconnectLat)
 		res.Reconnect.Reconnected = res.Reconnect.Latency.Count
+	}
+	if res.Redial != nil {
+		res.Redial.Drops = r.redialDrops.Load()
+		res.Redial.Failed = r.redialFailed.Load()
+		res.Redial.Latency = latencyOf(r.redialLat)
+		res.Redial.Reconnected = res.Redial.Latency.Count
+		if last := r.lastRedial.Load(); last > 0 {
+			res.Redial.Seconds = time.Unix(0, last).Sub(time.Unix(0, r.firstDrop.Load())).Seconds()
+		}
 	}
 	res.MapMessages = r.messages.Load()
 	res.MapBytes = r.bytes.Load()
