@@ -29,7 +29,7 @@ func newServeCmd(g *globals) *cobra.Command {
 		v4, v6, stun, baseDomain, policyFile, metrics, debug          string
 		logLevel, logFormat                                           string
 		noDERP, noMagicDNS                                            bool
-		ephemeral, offlineGrace                                       time.Duration
+		ephemeral, offlineGrace, restartGrace                         time.Duration
 		nameservers                                                   []string
 	}
 	cmd := &cobra.Command{
@@ -95,6 +95,9 @@ Clients older than Tailscale v1.80 are refused with a message saying so.`,
 			if fl.Changed("offline-grace") {
 				cfg.OfflineGrace = f.offlineGrace
 			}
+			if fl.Changed("restart-grace") {
+				cfg.RestartGrace = f.restartGrace
+			}
 			if fl.Changed("nameserver") {
 				cfg.DNS.Nameservers = f.nameservers
 			}
@@ -122,6 +125,7 @@ Clients older than Tailscale v1.80 are refused with a message saying so.`,
 	fl.StringVar(&f.policyFile, "policy-file", "", "take the ACL policy from this HuJSON file (reloaded on change and SIGHUP) instead of the database")
 	fl.DurationVar(&f.ephemeral, "ephemeral-timeout", 5*time.Minute, "delete ephemeral nodes disconnected this long")
 	fl.DurationVar(&f.offlineGrace, "offline-grace", 10*time.Second, "keep a node whose map stream ended online for its peers this long (0: offline at once)")
+	fl.DurationVar(&f.restartGrace, "restart-grace", 2*time.Minute, "after a restart, keep nodes that were online online this long while their clients reconnect (0: offline at start)")
 	fl.StringVar(&f.metrics, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics")
 	fl.StringVar(&f.debug, "debug-listen", "", "serve pprof at http://ADDR/debug/pprof/")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")

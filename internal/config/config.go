@@ -47,6 +47,10 @@ type Config struct {
 	// OfflineGrace is how long a node whose map stream ended still counts
 	// as online; 0 marks it offline at once.
 	OfflineGrace time.Duration `yaml:"offline_grace"`
+	// RestartGrace is how long after a restart nodes that were online
+	// still count as online while their clients reconnect; 0 marks them
+	// offline at start.
+	RestartGrace time.Duration `yaml:"restart_grace"`
 
 	// MetricsListen serves Prometheus metrics at /metrics; empty disables.
 	MetricsListen string `yaml:"metrics_listen"`
@@ -131,6 +135,7 @@ func Default() Config {
 		Policy:           PolicyConfig{Mode: "database"},
 		EphemeralTimeout: 5 * time.Minute,
 		OfflineGrace:     10 * time.Second,
+		RestartGrace:     2 * time.Minute,
 		LogLevel:         "info",
 		LogFormat:        "text",
 	}
@@ -212,6 +217,9 @@ func (c *Config) Finish() error {
 	}
 	if c.OfflineGrace < 0 {
 		return errors.New("config: offline_grace must not be negative")
+	}
+	if c.RestartGrace < 0 {
+		return errors.New("config: restart_grace must not be negative")
 	}
 	if c.EphemeralTimeout <= 0 {
 		return errors.New("config: ephemeral_timeout must be positive")

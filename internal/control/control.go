@@ -53,6 +53,12 @@ type Options struct {
 	// so a reconnect storm changes no peer's view (each flap reached every
 	// peer and re-encoded the node in every full map).
 	OfflineGrace time.Duration
+	// RestartGrace is how long, after a restart, nodes that were online
+	// when the previous process last recorded it still count as online
+	// while their clients reconnect (PresumeOnline); 0 marks them offline
+	// at start. Loading every node offline made each reconnect of a
+	// restart storm a presence change for every peer.
+	RestartGrace time.Duration
 	// DERP serves /derp when non-nil.
 	DERP http.Handler
 }
@@ -67,6 +73,7 @@ type Server struct {
 	h2mux    *http.ServeMux
 	ephTO    time.Duration
 	offGrace time.Duration
+	rsGrace  time.Duration
 
 	// timerMu guards the per-node timers: ephemeral expiry, and marking
 	// nodes offline when their grace has passed.
@@ -80,7 +87,7 @@ func New(o Options) *Server {
 	s := &Server{
 		st: o.State, eng: o.Engine, noiseKey: o.NoiseKey, log: o.Logger,
 		ephTO: o.EphemeralTimeout, ephTimers: map[uint64]*time.Timer{},
-		offGrace: o.OfflineGrace, offTimers: map[uint64]*time.Timer{},
+		offGrace: o.OfflineGrace, offTimers: map[uint64]*time.Timer{}, rsGrace: o.RestartGrace,
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -410,6 +417,35 @@ func (s *Server) cancel(timers map[uint64]*time.Timer, id uint64) {
 	if t := timers[id]; t != nil {
 		t.Stop()
 		delete(timers, id)
+	}
+}
+
+// PresumeOnline keeps the nodes loaded as online (their streams ended with
+// the previous process) online for the restart grace, and marks those
+// that have not reconnected by then offline, scheduling the expiry of
+// ephemeral ones. Call it once at start, before serving.
+func (s *Server) PresumeOnline() {
+	n := 0
+	for _, node := range s.st.Nodes() {
+		if !node.Online {
+			continue
+		}
+		n++
+		id := node.ID
+		gone := func() {
+			if !s.eng.Connected(id) {
+				s.st.SetOnline(id, false)
+				s.scheduleEphemeralExpiry(id)
+			}
+		}
+		if s.rsGrace <= 0 {
+			gone()
+			continue
+		}
+		s.after(s.offTimers, id, s.rsGrace, gone)
+	}
+	if n > 0 {
+		s.log.Info("nodes online before the restart count as online while they reconnect", "nodes", n, "restart_grace", s.rsGrace)
 	}
 }
 

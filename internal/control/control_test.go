@@ -29,6 +29,7 @@ type testServer struct {
 	url  string
 	st   *state.State
 	eng  *netmap.Engine
+	srv  *Server
 	stop func()
 }
 
@@ -60,7 +61,7 @@ func newTestServerAt(t *testing.T, path string, noise key.MachinePrivate, opts .
 	}
 	srv := New(o)
 	hs := httptest.NewServer(srv)
-	ts := &testServer{url: hs.URL, st: st, eng: eng}
+	ts := &testServer{url: hs.URL, st: st, eng: eng, srv: srv}
 	ts.stop = func() {
 		hs.CloseClientConnections()
 		hs.Close()
@@ -203,6 +204,68 @@ func TestOfflineGrace(t *testing.T) {
 	}
 	if since := time.Since(start); since < grace-50*time.Millisecond {
 		t.Fatalf("a heard of b %v after b left, before the grace (%v): the reconnect flapped", since, grace)
+	}
+}
+
+// TestRestartGrace: after a restart, nodes that were online still count as
+// online while they reconnect: a peer's first map shows them online and
+// the reconnect sends nobody anything; a node that does not come back
+// goes offline once the restart grace has passed.
+func TestRestartGrace(t *testing.T) {
+	path, noise := filepath.Join(t.TempDir(), "tp.db"), key.NewMachine()
+	// A long offline grace: the streams that end with the first server
+	// must not be recorded offline before it stops (SIGTERM, SIGKILL).
+	ts := newTestServerAt(t, path, noise, func(o *Options) { o.OfflineGrace = time.Minute })
+	k := ts.key(t, true)
+	a, b := join(t, ts, k, "a"), join(t, ts, k, "b")
+	ts.waitPublished(t, "b")
+	for _, c := range []*testclient.Client{a, b} {
+		s, err := c.Map(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		fullMap(t, s)
+		defer s.Close()
+	}
+	aid, bid := ts.st.NodeByKey(a.Node.Public()).ID, ts.st.NodeByKey(b.Node.Public()).ID
+	waitFor(t, func() bool { return ts.eng.Connected(aid) && ts.eng.Connected(bid) })
+	ts.stop()
+
+	const grace = 700 * time.Millisecond
+	ts2 := newTestServerAt(t, path, noise, func(o *Options) { o.RestartGrace = grace })
+	start := time.Now()
+	ts2.srv.PresumeOnline()
+	for _, id := range []uint64{aid, bid} {
+		if n := ts2.st.Node(id); n == nil || !n.Online {
+			t.Fatalf("node %d loaded offline: %+v", id, n)
+		}
+	}
+	// Only a comes back.
+	a.URL = ts2.url
+	if err := a.Dial(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := a.Map(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sa.Close)
+	full := fullMap(t, sa)
+	if len(full.Peers) != 1 || full.Peers[0].Online == nil || !*full.Peers[0].Online {
+		t.Fatalf("a's first map after the restart: want b online, got %+v", full.Peers)
+	}
+	m, err := sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.PeersChangedPatch) != 1 || m.PeersChangedPatch[0].Online == nil || *m.PeersChangedPatch[0].Online {
+		t.Fatalf("want b's offline patch, got %+v", m)
+	}
+	if since := time.Since(start); since < grace-50*time.Millisecond {
+		t.Fatalf("b went offline %v after the restart, before the grace (%v)", since, grace)
+	}
+	if n := ts2.st.Node(aid); !n.Online {
+		t.Fatal("a, reconnected, went offline")
 	}
 }
 

@@ -158,11 +158,12 @@ func Run(parent context.Context, cfg config.Config) error {
 	eng := netmap.New(netmap.Options{State: st, Static: static, Logger: log})
 	go eng.Run(ctx)
 
-	ctlOpts := control.Options{State: st, Engine: eng, NoiseKey: noiseKey, Logger: log, EphemeralTimeout: cfg.EphemeralTimeout, OfflineGrace: cfg.OfflineGrace}
+	ctlOpts := control.Options{State: st, Engine: eng, NoiseKey: noiseKey, Logger: log, EphemeralTimeout: cfg.EphemeralTimeout, OfflineGrace: cfg.OfflineGrace, RestartGrace: cfg.RestartGrace}
 	if derpSrv != nil {
 		ctlOpts.DERP = derpSrv.Handler()
 	}
 	ctl := control.New(ctlOpts)
+	ctl.PresumeOnline()
 	ctl.ExpireStaleEphemerals()
 
 	srv := &http.Server{

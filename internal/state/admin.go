@@ -378,8 +378,10 @@ func (s *State) UpdateFromClient(id uint64, u ClientUpdate) {
 	s.emit(Event{Kind: NodeChanged, NodeID: id})
 }
 
-// SetOnline records whether a node has an open map stream. Going offline
-// also records its last-seen time.
+// SetOnline records whether a node has an open map stream, and its
+// last-seen time. Both are soft state, written without waiting; the
+// presence is kept so that a restarted server can presume its nodes still
+// online while they reconnect.
 func (s *State) SetOnline(id uint64, online bool) {
 	s.mu.Lock()
 	old := s.nodes[id]
@@ -393,9 +395,7 @@ func (s *State) SetOnline(id uint64, online bool) {
 	s.replaceNode(old, n)
 	sn := toStoreNode(n)
 	s.mu.Unlock()
-	if !online {
-		s.commit.commitAsync([]store.Mutation{{PutNode: sn}})
-	}
+	s.commit.commitAsync([]store.Mutation{{PutNode: sn}})
 	s.emit(Event{Kind: NodeChanged, NodeID: id})
 }
 

@@ -61,7 +61,8 @@ type Node struct {
 	ApprovedRoutes   []netip.Prefix
 	CreatedAt        time.Time
 	LastSeen         time.Time
-	// Online is runtime-only: a streaming map session is open.
+	// Online: a streaming map session is open (or, after a restart,
+	// was open when the previous process recorded it; see SetOnline).
 	Online bool
 }
 
@@ -367,6 +368,7 @@ func fromStoreNode(sn *store.Node) (*Node, error) {
 		IPv4: sn.IPv4, IPv6: sn.IPv6, Endpoints: sn.Endpoints, AuthKeyID: sn.AuthKeyID,
 		Ephemeral: sn.Ephemeral, Expiry: sn.Expiry, AdvertisedRoutes: sn.AdvertisedRoutes,
 		ApprovedRoutes: sn.ApprovedRoutes, CreatedAt: sn.CreatedAt, LastSeen: sn.LastSeen,
+		Online: sn.Online,
 	}
 	if err := n.MachineKey.UnmarshalText([]byte(sn.MachineKey)); err != nil {
 		return nil, fmt.Errorf("machine key: %w", err)
@@ -395,6 +397,7 @@ func toStoreNode(n *Node) *store.Node {
 		IPv4: n.IPv4, IPv6: n.IPv6, Endpoints: n.Endpoints, AuthKeyID: n.AuthKeyID,
 		Ephemeral: n.Ephemeral, Expiry: n.Expiry, AdvertisedRoutes: n.AdvertisedRoutes,
 		ApprovedRoutes: n.ApprovedRoutes, CreatedAt: n.CreatedAt, LastSeen: n.LastSeen,
+		Online: n.Online,
 	}
 	if !n.DiscoKey.IsZero() {
 		sn.DiscoKey = n.DiscoKey.String()

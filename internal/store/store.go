@@ -52,6 +52,10 @@ type Node struct {
 	ApprovedRoutes   []netip.Prefix
 	CreatedAt        time.Time
 	LastSeen         time.Time
+	// Online is whether the node had an open map stream when last
+	// recorded. After a restart it is presumed still true for a while:
+	// the clients of a restarted server are reconnecting, not gone.
+	Online bool
 }
 
 // PreAuthKey is a pre-authentication key. The secret itself is never

@@ -67,4 +67,8 @@ CREATE TABLE changes (
 	payload JSONB NOT NULL
 );
 `,
+}, {
+	Version: 2,
+	Name:    "node presence",
+	SQL:     `ALTER TABLE nodes ADD COLUMN online BOOLEAN NOT NULL DEFAULT FALSE`,
 }}

@@ -60,7 +60,7 @@ var (
 	userCols = []string{"id", "name", "email", "display_name", "created_at"}
 	nodeCols = []string{"id", "machine_key", "node_key", "disco_key", "user_id", "tags", "hostname",
 		"given_name", "ipv4", "ipv6", "hostinfo", "endpoints", "auth_key_id", "ephemeral", "expiry",
-		"advertised_routes", "approved_routes", "created_at", "last_seen"}
+		"advertised_routes", "approved_routes", "created_at", "last_seen", "online"}
 	keyCols = []string{"id", "secret_hash", "user_id", "reusable", "ephemeral", "tags", "expiration",
 		"created_at", "used", "revoked"}
 
@@ -230,7 +230,7 @@ func nodeArgs(n *store.Node) []any {
 		n.Hostname, n.GivenName, addrArg(n.IPv4), addrArg(n.IPv6), bytesArg(n.Hostinfo),
 		listArg(n.Endpoints), n.AuthKeyID, n.Ephemeral, timeArg(n.Expiry),
 		listArg(n.AdvertisedRoutes), listArg(n.ApprovedRoutes),
-		timeArg(n.CreatedAt), timeArg(n.LastSeen)}
+		timeArg(n.CreatedAt), timeArg(n.LastSeen), n.Online}
 }
 
 // describe names a mutation in error messages without dumping its values.
@@ -313,7 +313,7 @@ func scanNode(r Rows) (store.Node, error) {
 	)
 	err := r.Scan(&id, &n.MachineKey, &n.NodeKey, &n.DiscoKey, &userID, &tags, &n.Hostname,
 		&n.GivenName, &ipv4, &ipv6, &n.Hostinfo, &endpoints, &n.AuthKeyID, &n.Ephemeral, &expiry,
-		&adv, &approved, &created, &lastSeen)
+		&adv, &approved, &created, &lastSeen, &n.Online)
 	if err != nil {
 		return n, err
 	}

@@ -68,4 +68,8 @@ CREATE TABLE changes (
 	payload TEXT NOT NULL
 );
 `,
+}, {
+	Version: 2,
+	Name:    "node presence",
+	SQL:     `ALTER TABLE nodes ADD COLUMN online BOOLEAN NOT NULL DEFAULT FALSE`,
 }}

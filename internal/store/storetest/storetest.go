@@ -215,6 +215,7 @@ func testRoundTrip(t *testing.T, open Opener) {
 		ApprovedRoutes:   []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")},
 		CreatedAt:        ts,
 		LastSeen:         ts.Add(time.Minute),
+		Online:           true,
 	}, {
 		// Everything optional unset, and empty slices that load as nil.
 		ID:               8,
@@ -282,6 +283,7 @@ func testReplace(t *testing.T, open Opener) {
 	n2.IPv6 = netip.Addr{}
 	n2.Tags = []string{"tag:x"}
 	n2.LastSeen = time.Now()
+	n2.Online = !n.Online
 	k2.Revoked = true
 	apply(t, s, store.Mutation{PutUser: &u2}, store.Mutation{PutNode: &n2}, store.Mutation{PutKey: &k2},
 		store.Mutation{PutSetting: &store.Setting{Key: "a", Value: []byte("2")}})
