@@ -283,6 +283,7 @@ type runner struct {
 	firstDrop    atomic.Int64 // unix nanos of the first unplanned drop
 	lastRedial   atomic.Int64 // unix nanos of the latest successful redial
 	redialFailed atomic.Int64
+	retries      errorCounts // failed redial attempts, retried
 
 	errs errorCounts
 	conv convergence

@@ -17,6 +17,7 @@ import (
 
 	"tailscale.com/tailcfg"
 	"tailscale.com/tstest/integration/testcontrol"
+	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 )
 
@@ -398,3 +399,29 @@ func (l *connTracker) closeAll() {
 type writerFunc func(p []byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// TestRefusedDialFailsAtOnce: a connection refused (a server restarting)
+// is reported as such, not after the request timeout: controlhttp alone
+// waits for an HTTPS fallback that an http:// server URL disables.
+func TestRefusedDialFailsAtOnce(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	tg, err := newTarget("http://" + addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg.serverKey = key.NewMachine().Public()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err = tg.dial(ctx, key.NewMachine(), time.Minute)
+	if err == nil || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("dial: %v, want connection refused", err)
+	}
+	if got := classify("connect", err); got != "connect_refused" {
+		t.Fatalf("classified %q", got)
+	}
+}

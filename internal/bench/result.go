@@ -115,6 +115,10 @@ type RedialResult struct {
 	Seconds     float64     `json:"seconds"`     // first drop until the last reconnect
 	Latency     Latency     `json:"latency"`     // a client's drop until its new stream's first message
 	Convergence Convergence `json:"convergence"` // relative to the first drop
+	// Retries are the failed attempts that were retried, by kind (as
+	// errors), with the first message of each.
+	Retries       map[string]int    `json:"retries,omitempty"`
+	RetryExamples map[string]string `json:"retry_examples,omitempty"`
 }
 
 // ServerStats are read from /proc for Options.ServerPID.
@@ -152,6 +156,7 @@ func (r *runner) fillResult(res *Result) {
 		res.Redial.Failed = r.redialFailed.Load()
 		res.Redial.Latency = latencyOf(r.redialLat)
 		res.Redial.Reconnected = res.Redial.Latency.Count
+		res.Redial.Retries, res.Redial.RetryExamples = r.retries.snapshot()
 		if last := r.lastRedial.Load(); last > 0 {
 			res.Redial.Seconds = time.Unix(0, last).Sub(time.Unix(0, r.firstDrop.Load())).Seconds()
 		}
