@@ -1,0 +1,51 @@
+package policy_test
+
+import (
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/tailplane/tailplane/internal/policy"
+	"github.com/tailplane/tailplane/internal/policy/policygen"
+)
+
+// TestClassPeersMatchPeerView: a node's class peer list is every node its
+// class sees, sorted by id, as PeerView sees each one (the node itself is
+// in it when its class sees itself), with nodes in any order given to
+// Compile.
+func TestClassPeersMatchPeerView(t *testing.T) {
+	o := policygen.Options{Seed: 3, Nodes: 150, Users: 30, Tags: 15, Groups: 8, Hosts: 8,
+		Rules: 150, SelfRules: 4, SSHRules: 4, Tagged: 0.4, Routers: 4}
+	src, users, nodes := policygen.Generate(o)
+	pol, err := policy.Parse(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rand.New(rand.NewPCG(1, 2)).Shuffle(len(nodes), func(i, j int) { nodes[i], nodes[j] = nodes[j], nodes[i] })
+	c, err := pol.Compile(users, nodes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		got := c.ClassPeers(n.ID)
+		if !slices.IsSortedFunc(got, func(a, b policy.Peer) int { return int(a.ID) - int(b.ID) }) {
+			t.Fatalf("node %d: class peers not sorted by id", n.ID)
+		}
+		var want []policy.Peer
+		for _, p := range nodes {
+			if pv, ok := c.PeerView(n.ID, p.ID); ok {
+				want = append(want, pv)
+			}
+		}
+		others := slices.DeleteFunc(slices.Clone(got), func(p policy.Peer) bool { return p.ID == n.ID })
+		if len(others) != len(want) {
+			t.Fatalf("node %d: %d class peers besides itself, %d from PeerView", n.ID, len(others), len(want))
+		}
+		for _, w := range want {
+			i := slices.IndexFunc(got, func(p policy.Peer) bool { return p.ID == w.ID })
+			if i < 0 || !slices.Equal(got[i].AllowedIPs, w.AllowedIPs) || !slices.Equal(got[i].PrimaryRoutes, w.PrimaryRoutes) {
+				t.Fatalf("node %d: peer %d differs from PeerView", n.ID, w.ID)
+			}
+		}
+	}
+}
