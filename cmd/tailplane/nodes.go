@@ -25,8 +25,12 @@ func printNodes(g *globals, nodes []admin.Node) error {
 		fmt.Fprintln(w, "ID\tNAME\tHOSTNAME\tUSER\tIPV4\tIPV6\tTAGS\tONLINE\tLAST SEEN\tEXPIRY")
 		for _, n := range nodes {
 			online := "offline"
-			if n.Online {
+			switch {
+			case n.Online && n.Connected:
 				online = "online"
+			case n.Online:
+				// After a restart, within restart_grace.
+				online = "online (reconnecting)"
 			}
 			exp := fmtTime(n.Expiry)
 			if n.Expired {

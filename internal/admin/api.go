@@ -63,7 +63,12 @@ type Node struct {
 	IPv4             netip.Addr     `json:"ipv4"`
 	IPv6             netip.Addr     `json:"ipv6"`
 	Tags             []string       `json:"tags"`
+	// Online is the node's presence as its peers see it; Connected
+	// whether it has a map stream open to this server now. After a
+	// restart a node is online but not yet connected while its client
+	// reconnects (restart_grace).
 	Online           bool           `json:"online"`
+	Connected        bool           `json:"connected"`
 	Ephemeral        bool           `json:"ephemeral"`
 	LastSeen         *time.Time     `json:"last_seen,omitempty"`
 	Expiry           *time.Time     `json:"expiry,omitempty"`

@@ -29,12 +29,15 @@ type Server struct {
 	// PolicyFile, when set, is the file the policy comes from; setting it
 	// through the API is then refused.
 	policyFile string
-	srv        *http.Server
+	// connected reports whether a node has a map stream open.
+	connected func(id uint64) bool
+	srv       *http.Server
 }
 
-// NewServer returns an admin API over st.
-func NewServer(st *state.State, baseDomain, policyFile string, log *slog.Logger) *Server {
-	s := &Server{st: st, log: log, baseDomain: baseDomain, policyFile: policyFile}
+// NewServer returns an admin API over st; connected reports whether a
+// node has a map stream open.
+func NewServer(st *state.State, baseDomain, policyFile string, connected func(id uint64) bool, log *slog.Logger) *Server {
+	s := &Server{st: st, log: log, baseDomain: baseDomain, policyFile: policyFile, connected: connected}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/users", s.listUsers)
 	mux.HandleFunc("POST /v1/users", s.createUser)
@@ -255,7 +258,7 @@ func (s *Server) expireKey(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) apiNode(n *state.Node, now time.Time) Node {
 	out := Node{ID: n.ID, Name: n.GivenName, FQDN: n.GivenName + "." + s.baseDomain, Hostname: n.Hostname,
-		IPv4: n.IPv4, IPv6: n.IPv6, Tags: n.Tags, Online: n.Online, Ephemeral: n.Ephemeral,
+		IPv4: n.IPv4, IPv6: n.IPv6, Tags: n.Tags, Online: n.Online, Connected: s.connected(n.ID), Ephemeral: n.Ephemeral,
 		Expired: n.Expired(now), AdvertisedRoutes: n.AdvertisedRoutes, ApprovedRoutes: n.ApprovedRoutes,
 		CreatedAt: n.CreatedAt}
 	if u := s.st.User(n.UserID); u != nil {

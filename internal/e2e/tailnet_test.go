@@ -417,10 +417,45 @@ func checkBulk(t *testing.T, src, dst *member) {
 // keeps its own addresses and name and sees its peers online, and TCP flows.
 func checkRestart(t *testing.T, srv *server, ms []*member, stop func(*testing.T)) {
 	before := srv.mustListNodes(t)
+	// A client watches its peers through the restart: with the restart
+	// grace, no peer ever shows offline (the clients are only
+	// reconnecting to control; their tunnels never stopped).
+	watchCtx, stopWatch := context.WithCancel(t.Context())
+	var offline []string
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		for watchCtx.Err() == nil {
+			if st, err := ms[0].Status(watchCtx); err == nil {
+				for _, p := range st.Peer {
+					if !p.Online {
+						offline = append(offline, fmt.Sprintf("%s at %v", p.HostName, time.Now().Format("15:04:05.000")))
+					}
+				}
+			}
+			select {
+			case <-watchCtx.Done():
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}()
+	defer func() {
+		stopWatch()
+		<-watched
+		if len(offline) > 0 {
+			t.Errorf("%s saw peers offline across the restart: %v", ms[0].Name(), offline)
+		}
+	}()
 	start := time.Now()
 	stop(t)
 	t.Logf("server stopped in %v", time.Since(start).Round(time.Millisecond))
 	srv.Start(t)
+	// Before any client is back, the restarted server presumes them online.
+	for _, n := range srv.mustListNodes(t) {
+		if !n.Online {
+			t.Errorf("right after the restart %v is listed offline", n)
+		}
+	}
 
 	ctx, cancel := context.WithTimeout(t.Context(), reconnectTimeout)
 	defer cancel()
@@ -433,8 +468,8 @@ func checkRestart(t *testing.T, srv *server, ms []*member, stop func(*testing.T)
 			return fmt.Errorf("nodes changed across the restart:\nbefore: %v\nafter:  %v", before, after)
 		}
 		for _, n := range after {
-			if !n.Online {
-				return fmt.Errorf("not online again: %v", n)
+			if !n.Online || !n.Connected {
+				return fmt.Errorf("not connected again: %v", n)
 			}
 		}
 		return nil
@@ -442,7 +477,7 @@ func checkRestart(t *testing.T, srv *server, ms []*member, stop func(*testing.T)
 	if err != nil {
 		t.Fatalf("after restart: %v", err)
 	}
-	t.Logf("server lists all %d nodes online %v after the restart began", len(ms), time.Since(start).Round(time.Millisecond))
+	t.Logf("all %d clients have a map stream to the restarted server %v after the restart began", len(ms), time.Since(start).Round(time.Millisecond))
 
 	var wg sync.WaitGroup
 	for _, m := range ms {

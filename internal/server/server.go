@@ -187,7 +187,7 @@ func Run(parent context.Context, cfg config.Config) error {
 		errc <- srv.Serve(ln)
 	}()
 
-	adm := admin.NewServer(st, cfg.DNS.BaseDomain, policyFileOf(cfg), log)
+	adm := admin.NewServer(st, cfg.DNS.BaseDomain, policyFileOf(cfg), eng.Connected, log)
 	go func() { errc <- adm.Serve(adminLn) }()
 
 	if cfg.MetricsListen != "" {
