@@ -55,14 +55,14 @@ type CreateKeysRequest struct {
 
 // Node is a node as the API shows it.
 type Node struct {
-	ID               uint64         `json:"id"`
-	Name             string         `json:"name"`
-	FQDN             string         `json:"fqdn"`
-	Hostname         string         `json:"hostname"`
-	User             string         `json:"user"`
-	IPv4             netip.Addr     `json:"ipv4"`
-	IPv6             netip.Addr     `json:"ipv6"`
-	Tags             []string       `json:"tags"`
+	ID       uint64     `json:"id"`
+	Name     string     `json:"name"`
+	FQDN     string     `json:"fqdn"`
+	Hostname string     `json:"hostname"`
+	User     string     `json:"user"`
+	IPv4     netip.Addr `json:"ipv4"`
+	IPv6     netip.Addr `json:"ipv6"`
+	Tags     []string   `json:"tags"`
 	// Online is the node's presence as its peers see it; Connected
 	// whether it has a map stream open to this server now. After a
 	// restart a node is online but not yet connected while its client

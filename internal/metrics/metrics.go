@@ -58,10 +58,17 @@ var (
 		Name: "tailplane_delta_build_seconds", Help: "Time to build the session updates of one change batch.",
 		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18),
 	})
-	// QueueMerges counts updates merged into a session's pending update
-	// because the session had not sent the previous one yet.
+	// QueueMerges counts updates merged into one a session had not sent
+	// yet: consecutive private updates, or a full queue folded into one.
 	QueueMerges = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "tailplane_session_update_merges_total", Help: "Updates merged into a not-yet-sent pending update.",
+		Name: "tailplane_session_update_merges_total", Help: "Updates merged into a not-yet-sent update (private ones, or a full session queue).",
+	})
+	// QueueDepth is how many updates a session's writer found queued when
+	// it woke: 1 for a client that keeps up, up to the queue's bound for
+	// one that falls behind.
+	QueueDepth = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "tailplane_session_queue_depth", Help: "Updates queued for a session when its writer woke.",
+		Buckets: []float64{1, 2, 4, 8, 16},
 	})
 )
 
@@ -70,6 +77,6 @@ func init() {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		Registrations, RegisterSeconds, Sessions, MapMessages, MapBytes,
-		CommitBatch, CommitSeconds, ChangeBatch, CompileSeconds, DeltaSeconds, QueueMerges,
+		CommitBatch, CommitSeconds, ChangeBatch, CompileSeconds, DeltaSeconds, QueueMerges, QueueDepth,
 	)
 }

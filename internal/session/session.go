@@ -310,6 +310,9 @@ func (s *Session) Run(ctx context.Context, w Writer) error {
 			full, queue := s.full, s.queue
 			s.full, s.queue = nil, nil
 			s.mu.Unlock()
+			if len(queue) > 0 {
+				metrics.QueueDepth.Observe(float64(len(queue)))
+			}
 			if full != nil {
 				if err := s.writeParts(w, full, "full"); err != nil {
 					return err

@@ -11,8 +11,11 @@ import (
 	"testing/synctest"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"tailscale.com/tailcfg"
 	"tailscale.com/util/zstdframe"
+
+	"github.com/tailplane/tailplane/internal/metrics"
 )
 
 // frames records written frames.
@@ -304,8 +307,12 @@ func TestFullQueueMergesInOrder(t *testing.T) {
 		s.Push(u)
 	}
 	s.Push(&Update{PeersRemoved: map[uint64]struct{}{3: {}}})
+	before := queueDepthSum(t)
 	f := run(t, s)
 	f.wait(t, 4)
+	if got := queueDepthSum(t) - before; got != 4 {
+		t.Errorf("queue depth observed %v, want the writer to find 4 updates", got)
+	}
 	ms := f.messages(t)
 	if len(ms) != 4 {
 		t.Fatalf("%d messages, want the merged one, two shared, one own", len(ms))
@@ -319,4 +326,13 @@ func TestFullQueueMergesInOrder(t *testing.T) {
 			t.Fatal("a shared update was modified by the merge")
 		}
 	}
+}
+
+func queueDepthSum(t *testing.T) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := metrics.QueueDepth.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleSum()
 }
