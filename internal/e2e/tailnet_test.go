@@ -105,6 +105,7 @@ func TestTailnet(t *testing.T) {
 
 	t.Run("bulk", func(t *testing.T) { checkBulk(t, ms[0], ms[1]) })
 
+	t.Run("client-restart", func(t *testing.T) { checkClientRestart(t, srv, ms) })
 	t.Run("restart-sigterm", func(t *testing.T) { checkRestart(t, srv, ms, srv.Stop) })
 	t.Run("restart-sigkill", func(t *testing.T) { checkRestart(t, srv, ms, srv.Kill) })
 
@@ -415,18 +416,16 @@ func checkBulk(t *testing.T, src, dst *member) {
 // directory and port, and checks that every client comes back by itself:
 // the server lists it online with unchanged name and addresses, the client
 // keeps its own addresses and name and sees its peers online, and TCP flows.
-func checkRestart(t *testing.T, srv *server, ms []*member, stop func(*testing.T)) {
-	before := srv.mustListNodes(t)
-	// A client watches its peers through the restart: with the restart
-	// grace, no peer ever shows offline (the clients are only
-	// reconnecting to control; their tunnels never stopped).
-	watchCtx, stopWatch := context.WithCancel(t.Context())
+// watchOffline polls m's peers every 100 ms until the returned function is
+// called, which fails the test if any peer was shown offline meanwhile.
+func watchOffline(t *testing.T, m *member, during string) func() {
+	ctx, stop := context.WithCancel(t.Context())
 	var offline []string
-	watched := make(chan struct{})
+	done := make(chan struct{})
 	go func() {
-		defer close(watched)
-		for watchCtx.Err() == nil {
-			if st, err := ms[0].Status(watchCtx); err == nil {
+		defer close(done)
+		for ctx.Err() == nil {
+			if st, err := m.Status(ctx); err == nil {
 				for _, p := range st.Peer {
 					if !p.Online {
 						offline = append(offline, fmt.Sprintf("%s at %v", p.HostName, time.Now().Format("15:04:05.000")))
@@ -434,18 +433,63 @@ func checkRestart(t *testing.T, srv *server, ms []*member, stop func(*testing.T)
 				}
 			}
 			select {
-			case <-watchCtx.Done():
+			case <-ctx.Done():
 			case <-time.After(100 * time.Millisecond):
 			}
 		}
 	}()
-	defer func() {
-		stopWatch()
-		<-watched
+	return func() {
+		stop()
+		<-done
 		if len(offline) > 0 {
-			t.Errorf("%s saw peers offline across the restart: %v", ms[0].Name(), offline)
+			t.Errorf("%s saw peers offline during %s: %v", m.Name(), during, offline)
 		}
-	}()
+	}
+}
+
+// checkClientRestart restarts one client's tailscaled (SIGTERM, same
+// state): it comes back connected with the same identity, its peers never
+// see it offline, and traffic reaches it again. (With offline_grace 0 its
+// peers did not see it offline either: this checks the behaviour, not
+// that the grace is what provides it.)
+func checkClientRestart(t *testing.T, srv *server, ms []*member) {
+	defer watchOffline(t, ms[0], ms[1].Name()+"'s restart")()
+	start := time.Now()
+	if err := ms[1].Restart(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), reconnectTimeout)
+	defer cancel()
+	if _, err := ms[1].WaitStatus(ctx, func(st *ipnstate.Status) error {
+		if st.BackendState != "Running" {
+			return fmt.Errorf("state %s", st.BackendState)
+		}
+		return hasPeer(st, ms[0])
+	}); err != nil {
+		t.Fatalf("%s after its restart: %v", ms[1].Name(), err)
+	}
+	err := realclient.Eventually(ctx, 100*time.Millisecond, func() error {
+		n, ok := nodeByIP(srv.mustListNodes(t), ms[1].ip4)
+		if !ok || !n.Online || !n.Connected {
+			return fmt.Errorf("%s on the server: %v", ms[1].Name(), n)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s restarted and connected again %v later", ms[1].Name(), time.Since(start).Round(time.Millisecond))
+	if _, err := ms[0].Ping(ctx, ms[1].ip4); err != nil {
+		t.Error(err)
+	}
+}
+
+func checkRestart(t *testing.T, srv *server, ms []*member, stop func(*testing.T)) {
+	before := srv.mustListNodes(t)
+	// A client watches its peers through the restart: with the restart
+	// grace, no peer ever shows offline (the clients are only
+	// reconnecting to control; their tunnels never stopped).
+	defer watchOffline(t, ms[0], "the server's restart")()
 	start := time.Now()
 	stop(t)
 	t.Logf("server stopped in %v", time.Since(start).Round(time.Millisecond))
