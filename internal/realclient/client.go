@@ -286,10 +286,16 @@ func (c *Client) Kill() error { return c.stop(false) }
 // Restart stops tailscaled gracefully (SIGTERM) and starts it again on the
 // same state, waiting until its LocalAPI answers. The node keeps its keys
 // and reconnects to its control server by itself.
-func (c *Client) Restart() error {
+func (c *Client) Restart() error { return c.RestartAfter(0) }
+
+// RestartAfter is Restart with tailscaled down for pause in between: long
+// enough for the control server to see the node's stream end on its own,
+// not coalesced with the reconnect.
+func (c *Client) RestartAfter(pause time.Duration) error {
 	if err := c.stop(true); err != nil {
 		return err
 	}
+	time.Sleep(pause)
 	return c.start()
 }
 
