@@ -674,23 +674,17 @@ func (e *Engine) filterLocked(nodeID uint64) *filterEnc {
 	}
 	f := &filterEnc{chunks: map[string][]session.Part{"*": nil}}
 	chs := e.compiled.FilterChunks(nodeID)
-	obj := &parts{b: []byte(`{"*":null`)}
+	obj := &session.Builder{B: []byte(`{"*":null`)}
 	for _, ch := range chs {
 		enc := e.filterEnc.encode(ch.Rules)
 		f.chunks[ch.Name] = enc
-		obj.b = append(obj.b, ',')
-		obj.b = appendJSONString(obj.b, ch.Name)
-		obj.b = append(obj.b, ':')
-		for _, p := range enc {
-			if p.Chunk != nil {
-				obj.chunk(p.Chunk)
-			} else {
-				obj.b = append(obj.b, p.Raw...)
-			}
-		}
+		obj.B = append(obj.B, ',')
+		obj.B = appendJSONString(obj.B, ch.Name)
+		obj.B = append(obj.B, ':')
+		obj.Append(enc)
 	}
-	obj.b = append(obj.b, '}')
-	f.obj = obj.result()
+	obj.B = append(obj.B, '}')
+	f.obj = obj.Parts()
 	var h maphash.Hash
 	h.SetSeed(e.filterSeed)
 	for _, p := range f.obj {

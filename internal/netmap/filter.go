@@ -79,30 +79,9 @@ func appendJSONString(b []byte, s string) []byte {
 	return append(b, q...)
 }
 
-// parts builds JSON from bytes and shared chunks.
-type parts struct {
-	done []session.Part
-	b    []byte
-}
-
-func (p *parts) chunk(c *session.Chunk) {
-	if len(p.b) > 0 {
-		p.done = append(p.done, session.Part{Raw: p.b})
-		p.b = nil
-	}
-	p.done = append(p.done, session.Part{Chunk: c})
-}
-
-func (p *parts) result() []session.Part {
-	if len(p.b) > 0 {
-		p.done = append(p.done, session.Part{Raw: p.b})
-	}
-	return p.done
-}
-
-func (fe *filterEncoder) appendSrcs(p *parts, srcs []string) {
+func (fe *filterEncoder) appendSrcs(p *session.Builder, srcs []string) {
 	if len(srcs) == 0 {
-		p.b = append(p.b, "null"...)
+		p.B = append(p.B, "null"...)
 		return
 	}
 	k := srcKey{p: unsafe.SliceData(srcs), n: len(srcs)}
@@ -124,61 +103,61 @@ func (fe *filterEncoder) appendSrcs(p *parts, srcs []string) {
 	}
 	se.used = fe.gen
 	if se.chunk != nil {
-		p.chunk(se.chunk)
+		p.Chunk(se.chunk)
 	} else {
-		p.b = append(p.b, se.json...)
+		p.B = append(p.B, se.json...)
 	}
 }
 
 // encode returns the filter as JSON, as encoding/json would write it, in
 // parts: large source lists are shared chunks.
 func (fe *filterEncoder) encode(rules []tailcfg.FilterRule) []session.Part {
-	p := &parts{b: []byte{'['}}
+	p := &session.Builder{B: []byte{'['}}
 	fe.appendRules(p, rules)
-	p.b = append(p.b, ']')
-	return p.result()
+	p.B = append(p.B, ']')
+	return p.Parts()
 }
 
-func (fe *filterEncoder) appendRules(p *parts, rules []tailcfg.FilterRule) {
+func (fe *filterEncoder) appendRules(p *session.Builder, rules []tailcfg.FilterRule) {
 	for i := range rules {
 		r := &rules[i]
 		if i > 0 {
-			p.b = append(p.b, ',')
+			p.B = append(p.B, ',')
 		}
 		if len(r.CapGrant) > 0 || len(r.SrcBits) > 0 || hasBits(r.DstPorts) {
 			rb, _ := json.Marshal(r)
-			p.b = append(p.b, rb...)
+			p.B = append(p.B, rb...)
 			continue
 		}
-		p.b = append(p.b, `{"SrcIPs":`...)
+		p.B = append(p.B, `{"SrcIPs":`...)
 		fe.appendSrcs(p, r.SrcIPs)
 		if len(r.DstPorts) > 0 {
-			p.b = append(p.b, `,"DstPorts":[`...)
+			p.B = append(p.B, `,"DstPorts":[`...)
 			for j, d := range r.DstPorts {
 				if j > 0 {
-					p.b = append(p.b, ',')
+					p.B = append(p.B, ',')
 				}
-				p.b = append(p.b, `{"IP":`...)
-				p.b = appendJSONString(p.b, d.IP)
-				p.b = append(p.b, `,"Ports":{"First":`...)
-				p.b = strconv.AppendUint(p.b, uint64(d.Ports.First), 10)
-				p.b = append(p.b, `,"Last":`...)
-				p.b = strconv.AppendUint(p.b, uint64(d.Ports.Last), 10)
-				p.b = append(p.b, "}}"...)
+				p.B = append(p.B, `{"IP":`...)
+				p.B = appendJSONString(p.B, d.IP)
+				p.B = append(p.B, `,"Ports":{"First":`...)
+				p.B = strconv.AppendUint(p.B, uint64(d.Ports.First), 10)
+				p.B = append(p.B, `,"Last":`...)
+				p.B = strconv.AppendUint(p.B, uint64(d.Ports.Last), 10)
+				p.B = append(p.B, "}}"...)
 			}
-			p.b = append(p.b, ']')
+			p.B = append(p.B, ']')
 		}
 		if len(r.IPProto) > 0 {
-			p.b = append(p.b, `,"IPProto":[`...)
+			p.B = append(p.B, `,"IPProto":[`...)
 			for j, proto := range r.IPProto {
 				if j > 0 {
-					p.b = append(p.b, ',')
+					p.B = append(p.B, ',')
 				}
-				p.b = strconv.AppendInt(p.b, int64(proto), 10)
+				p.B = strconv.AppendInt(p.B, int64(proto), 10)
 			}
-			p.b = append(p.b, ']')
+			p.B = append(p.B, ']')
 		}
-		p.b = append(p.b, '}')
+		p.B = append(p.B, '}')
 	}
 }
 

@@ -7,35 +7,70 @@ import "encoding/json"
 // json.RawMessage, which profiles showed to be the largest cost of
 // building maps from cached encodings.
 type Obj struct {
-	b      []byte
+	Builder
 	fields int
-	// parts holds what precedes b when the object splices shared chunks.
+}
+
+// Builder builds JSON as parts: its own bytes (B, which callers append to
+// directly) and shared chunks, each kept as a part of its own so that its
+// frame is spliced, not copied.
+type Builder struct {
+	B []byte
+	// parts holds what precedes B.
 	parts []Part
 }
 
+// Chunk adds a shared chunk.
+func (b *Builder) Chunk(c *Chunk) {
+	if len(b.B) > 0 {
+		b.parts = append(b.parts, Part{Raw: b.B})
+		b.B = nil
+	}
+	b.parts = append(b.parts, Part{Chunk: c})
+}
+
+// Append adds parts: their bytes are copied, their chunks kept.
+func (b *Builder) Append(ps []Part) {
+	for _, p := range ps {
+		if p.Chunk != nil {
+			b.Chunk(p.Chunk)
+		} else {
+			b.B = append(b.B, p.Raw...)
+		}
+	}
+}
+
+// Parts returns what was built.
+func (b *Builder) Parts() []Part {
+	if len(b.B) > 0 {
+		return append(b.parts, Part{Raw: b.B})
+	}
+	return b.parts
+}
+
 // NewObj starts an object in buf (reused when non-nil).
-func NewObj(buf []byte) *Obj { return &Obj{b: append(buf[:0], '{')} }
+func NewObj(buf []byte) *Obj { return &Obj{Builder: Builder{B: append(buf[:0], '{')}} }
 
 // ContinueObj continues an object whose earlier part (fields, then an
 // open value closed by prefix) was written elsewhere: the next field is
 // preceded by a comma.
-func ContinueObj(prefix string) *Obj { return &Obj{b: []byte(prefix), fields: 1} }
+func ContinueObj(prefix string) *Obj { return &Obj{Builder: Builder{B: []byte(prefix)}, fields: 1} }
 
 func (o *Obj) key(name string) {
 	if o.fields > 0 {
-		o.b = append(o.b, ',')
+		o.B = append(o.B, ',')
 	}
 	o.fields++
-	o.b = append(o.b, '"')
-	o.b = append(o.b, name...)
-	o.b = append(o.b, '"', ':')
+	o.B = append(o.B, '"')
+	o.B = append(o.B, name...)
+	o.B = append(o.B, '"', ':')
 }
 
 // Key writes a field name and returns the object so far, for a value the
 // caller writes itself (then continued with ContinueObj).
 func (o *Obj) Key(name string) []byte {
 	o.key(name)
-	return o.b
+	return o.B
 }
 
 // Raw adds a pre-encoded value; an empty value is omitted.
@@ -44,7 +79,7 @@ func (o *Obj) Raw(name string, v []byte) {
 		return
 	}
 	o.key(name)
-	o.b = append(o.b, v...)
+	o.B = append(o.B, v...)
 }
 
 // RawList adds a list of pre-encoded values; an empty list is omitted.
@@ -53,14 +88,14 @@ func (o *Obj) RawList(name string, vs [][]byte) {
 		return
 	}
 	o.key(name)
-	o.b = append(o.b, '[')
+	o.B = append(o.B, '[')
 	for i, v := range vs {
 		if i > 0 {
-			o.b = append(o.b, ',')
+			o.B = append(o.B, ',')
 		}
-		o.b = append(o.b, v...)
+		o.B = append(o.B, v...)
 	}
-	o.b = append(o.b, ']')
+	o.B = append(o.B, ']')
 }
 
 // RawParts adds a value made of parts: per-session bytes and shared
@@ -70,21 +105,7 @@ func (o *Obj) RawParts(name string, ps []Part) {
 		return
 	}
 	o.key(name)
-	o.appendParts(ps)
-}
-
-func (o *Obj) appendParts(ps []Part) {
-	for _, p := range ps {
-		if p.Chunk == nil {
-			o.b = append(o.b, p.Raw...)
-			continue
-		}
-		if len(o.b) > 0 {
-			o.parts = append(o.parts, Part{Raw: o.b})
-			o.b = nil
-		}
-		o.parts = append(o.parts, p)
-	}
+	o.Append(ps)
 }
 
 // Value adds v encoded with encoding/json (for small values).
@@ -102,11 +123,14 @@ func (o *Obj) Bytes() []byte {
 	if len(o.parts) > 0 {
 		return JoinParts(o.Parts(), false)
 	}
-	return append(o.b, '}')
+	return append(o.B, '}')
 }
 
 // Parts closes the object and returns it as parts.
-func (o *Obj) Parts() []Part { return append(o.parts, Part{Raw: append(o.b, '}')}) }
+func (o *Obj) Parts() []Part {
+	o.B = append(o.B, '}')
+	return o.Builder.Parts()
+}
 
 // filterChunks adds a PacketFilters map whose values are pre-encoded parts
 // (nil means JSON null).
@@ -117,19 +141,19 @@ func (o *Obj) filterChunks(m map[string][]Part) {
 	}
 	sortStrings(keys)
 	o.key("PacketFilters")
-	o.b = append(o.b, '{')
+	o.B = append(o.B, '{')
 	for i, k := range keys {
 		if i > 0 {
-			o.b = append(o.b, ',')
+			o.B = append(o.B, ',')
 		}
 		kb, _ := json.Marshal(k)
-		o.b = append(o.b, kb...)
-		o.b = append(o.b, ':')
+		o.B = append(o.B, kb...)
+		o.B = append(o.B, ':')
 		if v := m[k]; v == nil {
-			o.b = append(o.b, "null"...)
+			o.B = append(o.B, "null"...)
 		} else {
-			o.appendParts(v)
+			o.Append(v)
 		}
 	}
-	o.b = append(o.b, '}')
+	o.B = append(o.B, '}')
 }
