@@ -42,10 +42,9 @@ const (
 // leading comma), building it on first request. Two classes that see the
 // same peers the same way share it too.
 func (e *Engine) chunkLocked(encs []*encoded) *session.Chunk {
-	var h uint64 = 14695981039346656037
+	h := fnvOffset
 	for _, x := range encs {
-		h ^= uint64(uintptr(unsafe.Pointer(x)))
-		h *= 1099511628211
+		h = fnvMix(h, uint64(uintptr(unsafe.Pointer(x))))
 	}
 	now := time.Now()
 	for _, ce := range e.chunks[h] {
@@ -67,6 +66,11 @@ func (e *Engine) chunkLocked(encs []*encoded) *session.Chunk {
 	e.chunks[h] = append(e.chunks[h], ce)
 	return ce.chunk
 }
+
+// FNV-1a over 64-bit words, for cache keys made of pointers and ids.
+const fnvOffset uint64 = 14695981039346656037
+
+func fnvMix(h, v uint64) uint64 { return (h ^ v) * 1099511628211 }
 
 func equalEncs(a, b []*encoded) bool {
 	if len(a) != len(b) {
@@ -173,15 +177,22 @@ const miniSpan = 16
 // own node (skip1), without it and without the header's peer (skip2).
 func (e *Engine) ownSpanPartsLocked(parts []session.Part, peers []policy.Peer, skip1, skip2 uint64) []session.Part {
 	for rest := peers; len(rest) > 0; {
-		m := rest[0].ID / miniSpan
-		k := 0
-		for k < len(rest) && rest[k].ID/miniSpan == m {
-			k++
-		}
+		k := runLen(rest, miniSpan)
 		parts = appendChunk(parts, e.spanChunkLocked(rest[:k], skip1, skip2))
 		rest = rest[k:]
 	}
 	return parts
+}
+
+// runLen is how many leading peers (sorted by ID) fall in the same range
+// of width IDs as the first.
+func runLen(peers []policy.Peer, width uint64) int {
+	r := peers[0].ID / width
+	k := 1
+	for k < len(peers) && peers[k].ID/width == r {
+		k++
+	}
+	return k
 }
 
 // appendChunk appends a chunk of peers, unless it has none.
@@ -192,27 +203,26 @@ func appendChunk(parts []session.Part, c *session.Chunk) []session.Part {
 	return append(parts, session.Part{Chunk: c})
 }
 
-// profileChunkLocked returns the profiles of the users, comma-separated,
-// as a chunk shared by every class with the same owners in the same order
-// (most classes of a large tailnet see everybody).
-func (e *Engine) profileChunkLocked(uids []tailcfg.UserID) *session.Chunk {
-	var h uint64 = 14695981039346656037
-	for _, uid := range uids {
-		h ^= uint64(uid)
-		h *= 1099511628211
+// profileChunkLocked returns the profiles of a set of owners,
+// comma-separated, as a chunk shared by every class with the same owners
+// in the same order (most classes of a large tailnet see everybody).
+func (e *Engine) profileChunkLocked(owners *profileSet) *session.Chunk {
+	h := fnvOffset
+	for _, uid := range owners.ids {
+		h = fnvMix(h, uint64(uid))
 	}
-	if pc := e.profChunks[h]; pc != nil && slices.Equal(pc.uids, uids) {
+	if pc := e.profChunks[h]; pc != nil && slices.Equal(pc.uids, owners.ids) {
 		pc.used, pc.usedTime = e.batchNo, time.Now()
 		return pc.chunk
 	}
 	var pb []byte
-	for _, uid := range uids {
-		if len(pb) > 0 {
+	for i, pj := range owners.list {
+		if i > 0 {
 			pb = append(pb, ',')
 		}
-		pb = append(pb, e.profileJSONLocked(uid)...)
+		pb = append(pb, pj...)
 	}
-	pc := &profChunk{uids: slices.Clone(uids), chunk: session.NewChunk(pb), used: e.batchNo, usedTime: time.Now()}
+	pc := &profChunk{uids: slices.Clone(owners.ids), chunk: session.NewChunk(pb), used: e.batchNo, usedTime: time.Now()}
 	e.profChunks[h] = pc
 	return pc.chunk
 }
@@ -231,10 +241,10 @@ type profChunk struct {
 // large part of a join storm's cost.
 func (e *Engine) profilePartsLocked(cf *classFull, own tailcfg.UserID) []session.Part {
 	if cf.profiles == nil {
-		cf.profiles = e.profileChunkLocked(cf.owners)
+		cf.profiles = e.profileChunkLocked(&cf.owners)
 	}
 	b := []byte{'['}
-	if !cf.seen[own] {
+	if !cf.owners.seen[own] {
 		if pj := e.profileJSONLocked(own); pj != nil {
 			b = append(b, pj...)
 			if len(cf.profiles.JSON()) > 0 {
@@ -255,8 +265,7 @@ type classFull struct {
 	gen      uint64
 	peers    []policy.Peer
 	spans    []peerSpan
-	owners   []tailcfg.UserID // of the peers, in order, without repeats
-	seen     map[tailcfg.UserID]bool
+	owners   profileSet     // of the peers, in order, without repeats
 	profiles *session.Chunk // owners' profiles, comma-separated
 	used     uint64
 	usedTime time.Time
@@ -336,7 +345,7 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 	if cf == nil {
 		// The peer list is the class's cached one, not a copy: at
 		// thousands of classes a copy each took gigabytes.
-		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID), seen: map[tailcfg.UserID]bool{}}
+		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
 		for _, p := range cf.peers {
 			cf.addOwner(e, p.ID)
 		}
@@ -347,14 +356,9 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 	return cf
 }
 
+// addOwner adds the owner of peer id; a new one invalidates the profiles.
 func (cf *classFull) addOwner(e *Engine, id uint64) {
-	pn := e.nodes[id]
-	if pn == nil {
-		return
-	}
-	if uid := ownerID(pn); !cf.seen[uid] && e.profileJSONLocked(uid) != nil {
-		cf.seen[uid] = true
-		cf.owners = append(cf.owners, uid)
+	if pn := e.nodes[id]; pn != nil && cf.owners.add(e, ownerID(pn)) {
 		cf.profiles = nil
 	}
 }
@@ -378,7 +382,7 @@ func (e *Engine) extendClassFullLocked(old *classFull, nodeID uint64) *classFull
 		return nil
 	}
 	// The old entry is replaced, so its slices and set are reused.
-	cf := &classFull{gen: e.viewGen, peers: old.peers, owners: old.owners, seen: old.seen, profiles: old.profiles}
+	cf := &classFull{gen: e.viewGen, peers: old.peers, owners: old.owners, profiles: old.profiles}
 	dirty := map[uint64]bool{}
 	for _, id := range soft {
 		dirty[id/chunkSpan] = true
@@ -401,11 +405,7 @@ func (e *Engine) extendClassFullLocked(old *classFull, nodeID uint64) *classFull
 func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint64]bool) []peerSpan {
 	var out []peerSpan
 	for rest := peers; len(rest) > 0; {
-		span := rest[0].ID / chunkSpan
-		k := 0
-		for k < len(rest) && rest[k].ID/chunkSpan == span {
-			k++
-		}
+		span, k := rest[0].ID/chunkSpan, runLen(rest, chunkSpan)
 		for len(old) > 0 && old[0].span < span {
 			old = old[1:]
 		}
@@ -456,18 +456,22 @@ type profileSet struct {
 	list [][]byte
 }
 
-func (ps *profileSet) add(e *Engine, uid tailcfg.UserID) {
+// add adds uid's profile and reports whether it was new.
+func (ps *profileSet) add(e *Engine, uid tailcfg.UserID) bool {
 	if ps.seen[uid] {
-		return
+		return false
 	}
 	if ps.seen == nil {
 		ps.seen = map[tailcfg.UserID]bool{}
 	}
 	ps.seen[uid] = true
-	if b := e.profileJSONLocked(uid); b != nil {
-		ps.ids = append(ps.ids, uid)
-		ps.list = append(ps.list, b)
+	b := e.profileJSONLocked(uid)
+	if b == nil {
+		return false
 	}
+	ps.ids = append(ps.ids, uid)
+	ps.list = append(ps.list, b)
+	return true
 }
 
 // profileJSONLocked returns a user's profile as clients see it, encoded
