@@ -380,16 +380,24 @@ func (s *Server) cancelEphemeralExpiry(id uint64) { s.cancel(s.ephTimers, id) }
 
 // scheduleOffline marks a node whose stream ended offline once the grace
 // has passed without a new stream.
-func (s *Server) scheduleOffline(id uint64) {
-	if s.offGrace <= 0 {
-		s.st.SetOnline(id, false)
-		return
-	}
-	s.after(s.offTimers, id, s.offGrace, func() {
+func (s *Server) scheduleOffline(id uint64) { s.offlineAfter(id, s.offGrace, nil) }
+
+// offlineAfter marks node id offline, and then runs then (if set), once d
+// has passed (at once for d <= 0) unless it has a stream by then.
+func (s *Server) offlineAfter(id uint64, d time.Duration, then func()) {
+	gone := func() {
 		if !s.eng.Connected(id) {
 			s.st.SetOnline(id, false)
+			if then != nil {
+				then()
+			}
 		}
-	})
+	}
+	if d <= 0 {
+		gone()
+		return
+	}
+	s.after(s.offTimers, id, d, gone)
 }
 
 func (s *Server) cancelOffline(id uint64) { s.cancel(s.offTimers, id) }
@@ -427,22 +435,11 @@ func (s *Server) cancel(timers map[uint64]*time.Timer, id uint64) {
 func (s *Server) PresumeOnline() {
 	n := 0
 	for _, node := range s.st.Nodes() {
-		if !node.Online {
-			continue
+		if node.Online {
+			n++
+			id := node.ID
+			s.offlineAfter(id, s.rsGrace, func() { s.scheduleEphemeralExpiry(id) })
 		}
-		n++
-		id := node.ID
-		gone := func() {
-			if !s.eng.Connected(id) {
-				s.st.SetOnline(id, false)
-				s.scheduleEphemeralExpiry(id)
-			}
-		}
-		if s.rsGrace <= 0 {
-			gone()
-			continue
-		}
-		s.after(s.offTimers, id, s.rsGrace, gone)
 	}
 	if n > 0 {
 		s.log.Info("nodes online before the restart count as online while they reconnect", "nodes", n, "restart_grace", s.rsGrace)

@@ -192,18 +192,24 @@ func TestOfflineGrace(t *testing.T) {
 	}
 	fullMap(t, sb)
 	sb.Close()
-	start := time.Now()
 	// The next thing a hears is b going offline, a grace after b left:
 	// the reconnect itself sent nothing.
-	m, err := sa.Next(5 * time.Second)
+	nextIsOfflineAfter(t, sa, time.Now(), grace, "b left (the reconnect flapped)")
+}
+
+// nextIsOfflineAfter checks that the next message on s is one peer's
+// offline patch, and that it came no sooner than grace after start.
+func nextIsOfflineAfter(t *testing.T, s *testclient.Stream, start time.Time, grace time.Duration, what string) {
+	t.Helper()
+	m, err := s.Next(5 * time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(m.PeersChangedPatch) != 1 || m.PeersChangedPatch[0].Online == nil || *m.PeersChangedPatch[0].Online {
-		t.Fatalf("want b's offline patch, got %+v", m)
+		t.Fatalf("want an offline patch, got %+v", m)
 	}
 	if since := time.Since(start); since < grace-50*time.Millisecond {
-		t.Fatalf("a heard of b %v after b left, before the grace (%v): the reconnect flapped", since, grace)
+		t.Fatalf("offline patch %v after %s, before the grace (%v)", since, what, grace)
 	}
 }
 
@@ -254,16 +260,7 @@ func TestRestartGrace(t *testing.T) {
 	if len(full.Peers) != 1 || full.Peers[0].Online == nil || !*full.Peers[0].Online {
 		t.Fatalf("a's first map after the restart: want b online, got %+v", full.Peers)
 	}
-	m, err := sa.Next(5 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(m.PeersChangedPatch) != 1 || m.PeersChangedPatch[0].Online == nil || *m.PeersChangedPatch[0].Online {
-		t.Fatalf("want b's offline patch, got %+v", m)
-	}
-	if since := time.Since(start); since < grace-50*time.Millisecond {
-		t.Fatalf("b went offline %v after the restart, before the grace (%v)", since, grace)
-	}
+	nextIsOfflineAfter(t, sa, start, grace, "the restart")
 	if n := ts2.st.Node(aid); !n.Online {
 		t.Fatal("a, reconnected, went offline")
 	}
