@@ -426,11 +426,13 @@ func (r *runner) applyExpect() {
 }
 
 // noteJoinEvent records that a registration or reconnect completed at t.
-func (r *runner) noteJoinEvent(t time.Time) {
-	n := t.UnixNano()
+func (r *runner) noteJoinEvent(t time.Time) { storeMax(&r.lastJoinEvent, t.UnixNano()) }
+
+// storeMax raises a to v if v is larger.
+func storeMax(a *atomic.Int64, v int64) {
 	for {
-		old := r.lastJoinEvent.Load()
-		if old >= n || r.lastJoinEvent.CompareAndSwap(old, n) {
+		old := a.Load()
+		if old >= v || a.CompareAndSwap(old, v) {
 			return
 		}
 	}

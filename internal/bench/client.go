@@ -465,12 +465,7 @@ func (c *client) streamLoop(body io.ReadCloser) {
 func (c *client) redial(drop time.Time) io.ReadCloser {
 	r := c.r
 	r.redialDrops.Add(1)
-	for {
-		old := r.firstDrop.Load()
-		if old != 0 || r.firstDrop.CompareAndSwap(0, drop.UnixNano()) {
-			break
-		}
-	}
+	r.firstDrop.CompareAndSwap(0, drop.UnixNano())
 	if c.obs != nil {
 		c.obs.setConnected(false)
 	}
@@ -481,12 +476,7 @@ func (c *client) redial(drop time.Time) io.ReadCloser {
 			now := time.Now()
 			r.redialLat[c.idx] = now.Sub(drop)
 			r.noteJoinEvent(now)
-			for {
-				old := r.lastRedial.Load()
-				if old >= now.UnixNano() || r.lastRedial.CompareAndSwap(old, now.UnixNano()) {
-					break
-				}
-			}
+			storeMax(&r.lastRedial, now.UnixNano())
 			return body
 		}
 		if r.ctx.Err() != nil {

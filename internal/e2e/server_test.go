@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tailplane/tailplane/internal/admin"
 	"github.com/tailplane/tailplane/internal/realclient"
 )
 
@@ -280,18 +281,9 @@ func (s *server) createKey(t *testing.T, user string, flags ...string) authKey {
 	return k
 }
 
-// node is one element of `nodes list --output json`.
-type node struct {
-	ID        uint64     `json:"id"`
-	Name      string     `json:"name"`
-	Hostname  string     `json:"hostname"`
-	User      string     `json:"user"`
-	IPv4      netip.Addr `json:"ipv4"`
-	IPv6      netip.Addr `json:"ipv6"`
-	Tags      []string   `json:"tags"`
-	Online    bool       `json:"online"`
-	Connected bool       `json:"connected"`
-}
+// node is one element of `nodes list --output json`: the admin API's
+// node, read back from the CLI's output.
+type node struct{ admin.Node }
 
 func (n node) String() string {
 	return fmt.Sprintf("#%d %s (host %s, %v %v, online=%v, connected=%v)", n.ID, n.Name, n.Hostname, n.IPv4, n.IPv6, n.Online, n.Connected)
