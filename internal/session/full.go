@@ -50,9 +50,9 @@ func JoinParts(parts []Part, compress bool) []byte {
 	return out
 }
 
-// partFrames returns the bytes each part puts on the wire: its JSON, or
-// its zstd frame. Per-session parts are compressed here, shared chunks
-// once for every message.
+// partFrames returns the bytes each part puts on the wire (its JSON, or
+// its zstd frame) and their total size. Per-session parts are compressed
+// here, shared chunks once for every message.
 func partFrames(parts []Part, compress bool) (frames [][]byte, size int) {
 	frames = make([][]byte, len(parts))
 	for i, p := range parts {
