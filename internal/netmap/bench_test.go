@@ -30,6 +30,7 @@ import (
 	"reflect"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -544,4 +545,70 @@ func BenchmarkPolicyEditFanout(b *testing.B) {
 			b.ReportMetric(float64(updated), "sessions-updated")
 		})
 	}
+}
+
+// BenchmarkReconnectStorm attaches a stream for every node of a 10,000-node
+// tailnet to a fresh engine, as after a server restart: every class builds
+// its full-map peers on its first reconnect. Four workers attach and drain
+// (compress and write) concurrently, as the server's stream goroutines do.
+// ms/op is the wall time of the whole storm, cpu-s/op the process's CPU
+// over it: a storm that serialises on the engine lock shows as wall time
+// close to CPU time on two cores.
+func BenchmarkReconnectStorm(b *testing.B) {
+	gen, _ := generatedTailnet()
+	cases := []struct {
+		name string
+		tn   benchTailnet
+	}{
+		{"policy=allow-all", defaultTailnet(nil)},
+		{"policy=generated-15k", gen},
+	}
+	for _, tc := range cases {
+		b.Run(tc.name, func(b *testing.B) {
+			prev := *benchSessions
+			*benchSessions = 0
+			f := newBenchFixture(b, tc.tn)
+			*benchSessions = prev
+			opts := Options{State: f.st, Logger: f.e.log, Static: f.e.static}
+			var cpu time.Duration
+			b.ReportAllocs()
+			for b.Loop() {
+				b.StopTimer()
+				e := New(opts)
+				c0 := processCPU(b)
+				b.StartTimer()
+				next := make(chan uint64)
+				var wg sync.WaitGroup
+				var failed sync.Once
+				for range 4 {
+					wg.Go(func() {
+						for id := range next {
+							s := session.New(id, true)
+							if !e.Attach(s) || !drain(s) {
+								failed.Do(func() { b.Errorf("node %d: no full map", id) })
+							}
+						}
+					})
+				}
+				for _, id := range f.ids {
+					next <- id
+				}
+				close(next)
+				wg.Wait()
+				b.StopTimer()
+				cpu += processCPU(b) - c0
+				b.StartTimer()
+			}
+			b.ReportMetric(cpu.Seconds()/float64(b.N), "cpu-s/op")
+		})
+	}
+}
+
+// processCPU is the user and system CPU time the process has used.
+func processCPU(b testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
