@@ -2,6 +2,7 @@ package policy
 
 import (
 	"cmp"
+	"math"
 	"slices"
 )
 
@@ -63,6 +64,12 @@ func (c *Compiled) FilterShared(nodeID uint64) bool {
 	return true
 }
 
+// denseIDs bounds the ID range, per member, that ClassPeers reads slot by
+// slot rather than sorting: a 64-byte scan per member is cheaper than a
+// sort, and IDs stay that dense unless most nodes ever registered were
+// deleted since.
+const denseIDs = 16
+
 // ClassPeers returns every node that nodeID's class sees, as the class
 // sees it, sorted by node ID; unlike Peers it includes nodeID itself when
 // the class sees its own members. All members of a class get the same
@@ -74,12 +81,37 @@ func (c *Compiled) ClassPeers(nodeID uint64) []Peer {
 		return nil
 	}
 	cl := c.classes[c.classOf[i]]
-	// Members are gathered as packed (id, index) keys and sorted as
-	// integers: sorting the Peer structs was a quarter of the cost of a
-	// class's first full map in a restart storm under the 15,000-rule
-	// policy (thousands of classes, each building its list once).
 	n := 0
-	cl.visible.each(func(pci int) { n += len(c.classes[pci].members) })
+	lo, hi := uint64(math.MaxUint64), uint64(0)
+	cl.visible.each(func(pci int) {
+		for _, pi := range c.classes[pci].members {
+			id := c.nodes[pi].ID
+			lo, hi = min(lo, id), max(hi, id)
+			n++
+		}
+	})
+	out := make([]Peer, 0, n)
+	if n > 0 && hi-lo < uint64(denseIDs*n) {
+		// Node IDs are dense (the store hands them out in order): each
+		// member goes to its ID's slot and the slots are read in order.
+		// Sorting was most of the cost of a class's first full map in a
+		// restart storm under the 15,000-rule policy (thousands of
+		// classes, each building its list once).
+		slots := make([]int32, hi-lo+1)
+		cl.visible.each(func(pci int) {
+			for _, pi := range c.classes[pci].members {
+				slots[c.nodes[pi].ID-lo] = int32(pi) + 1
+			}
+		})
+		for _, s := range slots {
+			if s != 0 {
+				out = append(out, c.peerView(cl, int(s-1)))
+			}
+		}
+		return out
+	}
+	// Sparse IDs: members are sorted as packed (id, index) integers,
+	// cheaper than sorting Peer structs.
 	keys := make([]uint64, 0, n)
 	packed := true
 	cl.visible.each(func(pci int) {
@@ -89,7 +121,6 @@ func (c *Compiled) ClassPeers(nodeID uint64) []Peer {
 			keys = append(keys, id<<24|uint64(pi))
 		}
 	})
-	out := make([]Peer, 0, n)
 	if !packed {
 		cl.visible.each(func(pci int) {
 			for _, pi := range c.classes[pci].members {

@@ -14,12 +14,31 @@ import (
 // in it when its class sees itself), with nodes in any order given to
 // Compile.
 func TestClassPeersMatchPeerView(t *testing.T) {
+	// ClassPeers orders peers by slots when IDs are dense, by a packed
+	// integer sort when sparse, and by sorting structs when IDs are too
+	// large to pack: each layout takes one of those paths.
+	for _, layout := range []struct {
+		name string
+		id   func(uint64) uint64
+	}{
+		{"dense", func(id uint64) uint64 { return id }},
+		{"sparse", func(id uint64) uint64 { return id * 37 }},
+		{"sparse and huge", func(id uint64) uint64 { return id*37 + 1<<41 }},
+	} {
+		t.Run(layout.name, func(t *testing.T) { classPeersMatchPeerView(t, layout.id) })
+	}
+}
+
+func classPeersMatchPeerView(t *testing.T, mapID func(uint64) uint64) {
 	o := policygen.Options{Seed: 3, Nodes: 150, Users: 30, Tags: 15, Groups: 8, Hosts: 8,
 		Rules: 150, SelfRules: 4, SSHRules: 4, Tagged: 0.4, Routers: 4}
 	src, users, nodes := policygen.Generate(o)
 	pol, err := policy.Parse(src)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for i := range nodes {
+		nodes[i].ID = mapID(nodes[i].ID)
 	}
 	rand.New(rand.NewPCG(1, 2)).Shuffle(len(nodes), func(i, j int) { nodes[i], nodes[j] = nodes[j], nodes[i] })
 	c, err := pol.Compile(users, nodes)
