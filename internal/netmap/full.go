@@ -2,6 +2,7 @@ package netmap
 
 import (
 	"encoding/json"
+	"math/bits"
 	"slices"
 	"time"
 	"unsafe"
@@ -149,7 +150,7 @@ func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
 			case sp.span == first.ID/chunkSpan:
 				// Every member but the first peer itself has the
 				// same span without it: cached as one chunk.
-				parts = appendChunk(parts, e.spanChunkLocked(sp.peers, first.ID, first.ID))
+				parts = appendChunk(parts, e.spanChunkLocked(sp.peers, first.ID, first.ID, nil))
 			default:
 				parts = appendChunk(parts, sp.chunk)
 			}
@@ -178,7 +179,7 @@ const miniSpan = 16
 func (e *Engine) ownSpanPartsLocked(parts []session.Part, peers []policy.Peer, skip1, skip2 uint64) []session.Part {
 	for rest := peers; len(rest) > 0; {
 		k := runLen(rest, miniSpan)
-		parts = appendChunk(parts, e.spanChunkLocked(rest[:k], skip1, skip2))
+		parts = appendChunk(parts, e.spanChunkLocked(rest[:k], skip1, skip2, nil))
 		rest = rest[k:]
 	}
 	return parts
@@ -204,25 +205,30 @@ func appendChunk(parts []session.Part, c *session.Chunk) []session.Part {
 }
 
 // profileChunkLocked returns the profiles of a set of owners,
-// comma-separated, as a chunk shared by every class with the same owners
-// in the same order (most classes of a large tailnet see everybody).
-func (e *Engine) profileChunkLocked(owners *profileSet) *session.Chunk {
+// comma-separated in ID order, as a chunk shared by every class with the
+// same owners (most classes of a large tailnet see everybody).
+func (e *Engine) profileChunkLocked(owners *ownerSet) *session.Chunk {
+	ids := owners.sorted()
 	h := fnvOffset
-	for _, uid := range owners.ids {
+	for _, uid := range ids {
 		h = fnvMix(h, uint64(uid))
 	}
-	if pc := e.profChunks[h]; pc != nil && slices.Equal(pc.uids, owners.ids) {
+	if pc := e.profChunks[h]; pc != nil && slices.Equal(pc.uids, ids) {
 		pc.used, pc.usedTime = e.batchNo, time.Now()
 		return pc.chunk
 	}
 	var pb []byte
-	for i, pj := range owners.list {
-		if i > 0 {
+	for _, uid := range ids {
+		pj := e.profileJSONLocked(uid)
+		if pj == nil {
+			continue
+		}
+		if len(pb) > 0 {
 			pb = append(pb, ',')
 		}
 		pb = append(pb, pj...)
 	}
-	pc := &profChunk{uids: slices.Clone(owners.ids), chunk: session.NewChunk(pb), used: e.batchNo, usedTime: time.Now()}
+	pc := &profChunk{uids: ids, chunk: session.NewChunk(pb), used: e.batchNo, usedTime: time.Now()}
 	e.profChunks[h] = pc
 	return pc.chunk
 }
@@ -244,7 +250,7 @@ func (e *Engine) profilePartsLocked(cf *classFull, own tailcfg.UserID) []session
 		cf.profiles = e.profileChunkLocked(&cf.owners)
 	}
 	b := []byte{'['}
-	if !cf.owners.seen[own] {
+	if !cf.owners.has(own) {
 		if pj := e.profileJSONLocked(own); pj != nil {
 			b = append(b, pj...)
 			if len(cf.profiles.JSON()) > 0 {
@@ -265,7 +271,7 @@ type classFull struct {
 	gen      uint64
 	peers    []policy.Peer
 	spans    []peerSpan
-	owners   profileSet     // of the peers, in order, without repeats
+	owners   ownerSet       // of the peers
 	profiles *session.Chunk // owners' profiles, comma-separated
 	used     uint64
 	usedTime time.Time
@@ -346,10 +352,7 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 		// The peer list is the class's cached one, not a copy: at
 		// thousands of classes a copy each took gigabytes.
 		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
-		for _, p := range cf.peers {
-			cf.addOwner(e, p.ID)
-		}
-		cf.spans = e.spansLocked(cf.peers, nil, nil)
+		cf.spans = e.spansLocked(cf.peers, nil, nil, &cf.owners)
 	}
 	e.classFull[cl] = cf
 	cf.used, cf.usedTime = e.batchNo, time.Now()
@@ -358,7 +361,7 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 
 // addOwner adds the owner of peer id; a new one invalidates the profiles.
 func (cf *classFull) addOwner(e *Engine, id uint64) {
-	if pn := e.nodes[id]; pn != nil && cf.owners.add(e, ownerID(pn)) {
+	if pn := e.nodes[id]; pn != nil && cf.owners.add(ownerID(pn)) {
 		cf.profiles = nil
 	}
 }
@@ -396,13 +399,14 @@ func (e *Engine) extendClassFullLocked(old *classFull, nodeID uint64) *classFull
 		dirty[id/chunkSpan] = true
 		cf.addOwner(e, id)
 	}
-	cf.spans = e.spansLocked(cf.peers, old.spans, dirty)
+	cf.spans = e.spansLocked(cf.peers, old.spans, dirty, nil)
 	return cf
 }
 
 // spansLocked divides a peer list into chunks by node-ID span, reusing
-// the chunks of old spans that are not dirty.
-func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint64]bool) []peerSpan {
+// the chunks of old spans that are not dirty. The owners of the peers in
+// spans it builds are added to owners, if set.
+func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint64]bool, owners *ownerSet) []peerSpan {
 	var out []peerSpan
 	for rest := peers; len(rest) > 0; {
 		span, k := rest[0].ID/chunkSpan, runLen(rest, chunkSpan)
@@ -413,7 +417,7 @@ func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint
 		if len(old) > 0 && old[0].span == span && !dirty[span] {
 			ch = old[0].chunk
 		} else {
-			ch = e.spanChunkLocked(rest[:k], 0, 0)
+			ch = e.spanChunkLocked(rest[:k], 0, 0, owners)
 		}
 		out = append(out, peerSpan{span: span, peers: rest[:k], chunk: ch})
 		rest = rest[k:]
@@ -423,12 +427,15 @@ func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint
 
 // spanChunkLocked returns the chunk of peers without the nodes skip1 and
 // skip2 (the session's own node and the peer its header holds), nil if
-// none is left.
-func (e *Engine) spanChunkLocked(peers []policy.Peer, skip1, skip2 uint64) *session.Chunk {
+// none is left. The peers' owners are added to owners, if set.
+func (e *Engine) spanChunkLocked(peers []policy.Peer, skip1, skip2 uint64, owners *ownerSet) *session.Chunk {
 	encs := make([]*encoded, 0, len(peers))
 	for _, p := range peers {
 		if pn := e.nodes[p.ID]; pn != nil && p.ID != skip1 && p.ID != skip2 {
 			encs = append(encs, e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes))
+			if owners != nil {
+				owners.add(ownerID(pn))
+			}
 		}
 	}
 	if len(encs) == 0 {
@@ -447,6 +454,78 @@ func (e *Engine) classPeersLocked(nodeID uint64) []policy.Peer {
 	l := e.compiled.ClassPeers(nodeID)
 	e.classPeers[cl] = l
 	return l
+}
+
+// ownerSet is a set of user IDs, one bit each (IDs are handed out in
+// order): a class's full map collects the owners of thousands of peers,
+// and a map per class was most of the cost of collecting them in a
+// restart storm under the 15,000-rule policy.
+type ownerSet struct {
+	bits   []uint64
+	tagged bool                    // TaggedUserID
+	big    map[tailcfg.UserID]bool // IDs too large for bits
+}
+
+// maxOwnerBit bounds the IDs kept as bits.
+const maxOwnerBit = 1 << 20
+
+// add adds uid and reports whether it was new.
+func (s *ownerSet) add(uid tailcfg.UserID) bool {
+	switch {
+	case uid == TaggedUserID:
+		if s.tagged {
+			return false
+		}
+		s.tagged = true
+		return true
+	case uid < 0 || uid >= maxOwnerBit:
+		if s.big[uid] {
+			return false
+		}
+		if s.big == nil {
+			s.big = map[tailcfg.UserID]bool{}
+		}
+		s.big[uid] = true
+		return true
+	}
+	w, b := int(uid/64), uint64(1)<<(uid%64)
+	if w >= len(s.bits) {
+		s.bits = append(s.bits, make([]uint64, w+1-len(s.bits))...)
+	}
+	if s.bits[w]&b != 0 {
+		return false
+	}
+	s.bits[w] |= b
+	return true
+}
+
+func (s *ownerSet) has(uid tailcfg.UserID) bool {
+	switch {
+	case uid == TaggedUserID:
+		return s.tagged
+	case uid < 0 || uid >= maxOwnerBit:
+		return s.big[uid]
+	}
+	w := int(uid / 64)
+	return w < len(s.bits) && s.bits[w]&(uint64(1)<<(uid%64)) != 0
+}
+
+// sorted returns the set's IDs in increasing order.
+func (s *ownerSet) sorted() []tailcfg.UserID {
+	var out []tailcfg.UserID
+	for w, x := range s.bits {
+		for ; x != 0; x &= x - 1 {
+			out = append(out, tailcfg.UserID(w*64+bits.TrailingZeros64(x)))
+		}
+	}
+	if s.tagged {
+		out = append(out, TaggedUserID)
+	}
+	for uid := range s.big {
+		out = append(out, uid)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // profileSet collects the user profiles a message must carry, encoded.
