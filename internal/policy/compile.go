@@ -155,6 +155,8 @@ type compiler struct {
 	self map[selfKey]*selfEntry
 	// adds counts AddNodes calls, to mark the source lists each changed.
 	adds uint64
+	// ssh is what each SSH rule emitted.
+	ssh []*sshState
 }
 
 type selfKey struct {
@@ -209,7 +211,9 @@ func (p *Policy) Compile(users []User, nodes []Node) (*Compiled, error) {
 	cp.buildClasses()
 	cp.resolveSelectors()
 	cp.compileRules()
-	cp.compileSSH(nil, nil)
+	cp.ssh = cp.sshStates()
+	touch := newBitset(len(c.classes))
+	cp.compileSSH(0, &touch)
 	cp.compileNodeAttrs()
 	return c, nil
 }

@@ -49,7 +49,6 @@ func (c *Compiled) AddNodes(nodes []Node) (changed []int, ok bool) {
 		if isNew {
 			a.fresh = append(a.fresh, ci)
 		}
-		a.grown.add(ci)
 	}
 	nc := len(c.classes)
 	for i := first; i < len(c.nodes); i++ {
@@ -76,10 +75,12 @@ func (c *Compiled) AddNodes(nodes []Node) (changed []int, ok bool) {
 		cp.capsFor(ci)
 		a.changed.add(ci)
 	}
-	for _, cl := range c.classes {
-		cl.ssh = nil
+	touch := newBitset(len(c.classes))
+	for _, ci := range a.fresh {
+		touch.set(ci)
 	}
-	cp.compileSSH(a.grown, &a.changed)
+	cp.compileSSH(first, &touch)
+	a.changed.orGrow(touch)
 	a.markDirtyLists()
 	a.changed.each(func(ci int) { changed = append(changed, ci) })
 	return changed, true
@@ -126,10 +127,8 @@ func (cp *compiler) canAdd(nodes []Node) (activate []int, ok bool) {
 // adder is the state of one AddNodes call.
 type adder struct {
 	cp *compiler
-	// fresh are the classes the call started; grown every class that
-	// gained members.
+	// fresh are the classes the call started.
 	fresh []int
-	grown bitset
 	// direct holds the fresh classes' autogroup:self links.
 	direct map[int]bitset
 	// dirtySels and dirtySelf are source lists whose addresses changed.

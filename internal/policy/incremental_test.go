@@ -210,3 +210,32 @@ func TestAddNodesGenerated(t *testing.T) {
 		}
 	}
 }
+
+// TestAddNodesSSHChangedIsPrecise checks that a join reports, of the
+// classes receiving an autogroup:self SSH rule, only those of the joining
+// node's user: the other users' parts of the rule are unchanged.
+func TestAddNodesSSHChangedIsPrecise(t *testing.T) {
+	pol, err := policy.Parse([]byte(`{
+		"tagOwners": {"tag:db": ["odin@example.com"]},
+		"ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot"]}],
+	}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// laptop (odin), desk (thor), db; then odin's phone joins.
+	start := []policy.Node{testNodes[0], testNodes[2], testNodes[3]}
+	c, err := pol.Compile(testUsers, start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed, ok := c.AddNodes([]policy.Node{testNodes[1]})
+	if !ok {
+		t.Fatal("AddNodes declined")
+	}
+	if want := []int{c.ClassOf(testNodes[1].ID)}; !slices.Equal(changed, want) || c.ClassOf(testNodes[0].ID) != want[0] {
+		t.Errorf("changed classes %v, want only odin's class %v (thor's is %d)", changed, want, c.ClassOf(testNodes[2].ID))
+	}
+	if c.SSHPolicy(testNodes[2].ID) == nil {
+		t.Error("thor's desk lost its SSH policy")
+	}
+}

@@ -44,121 +44,186 @@ func (r *sshRule) sshUsers() (common map[string]string, localDomains []string) {
 	return common, localDomains
 }
 
-// compileSSH builds each class's SSH rules. When grown is set (AddNodes),
-// the classes receiving a rule whose sources include a grown class are
-// added to changed: the rule's principals changed.
-func (cp *compiler) compileSSH(grown bitset, changed *bitset) {
-	c := cp.c
-	nc := len(c.classes)
-	for ri := range c.p.ssh {
-		r := &c.p.ssh[ri]
-		common, localDomains := r.sshUsers()
-		// Source nodes, grouped into the units Tailscale emits rules for.
-		srcCl := newBitset(nc)
-		for _, a := range r.src {
-			srcCl.or(cp.sel(a).classes)
-		}
-		var srcNodes []int
-		srcCl.each(func(ci int) { srcNodes = append(srcNodes, c.classes[ci].members...) })
-		slices.Sort(srcNodes)
-		if len(srcNodes) == 0 {
-			continue
-		}
-		touched := grown != nil && srcCl.intersects(grown)
-		dstCl := newBitset(nc)
-		hasSelf := false
+// sshState is what one SSH rule emitted, kept with the compilation so that
+// AddNodes re-emits only the parts whose sources gained nodes. Tailscale
+// emits a rule per unit of sources: all of them (to the rule's
+// destinations), each source user (to the user's own nodes, for
+// autogroup:self and localpart users) and each tagged source class
+// (localpart users).
+type sshState struct {
+	r            *sshRule
+	common       map[string]string
+	localDomains []string
+	hasSelf      bool
+	// hasDst is set when a destination is not autogroup:self; dstCl are
+	// the classes those destinations name.
+	hasDst bool
+	dstCl  bitset
+	// principals are every source node's, in node order, and all the rule
+	// emitted with them to dstCl (rules without localpart users).
+	principals []*tailcfg.SSHPrincipal
+	all        *tailcfg.SSHRule
+	// users and tagged are the per-user and per-tagged-class parts, in the
+	// order of their first source node.
+	users   []*sshGroup
+	byUser  map[uint64]*sshGroup
+	tagged  []*sshGroup
+	byClass map[int]*sshGroup
+}
+
+// sshGroup is the part of an SSH rule emitted for one source user or
+// tagged source class.
+type sshGroup struct {
+	user       uint64
+	class      int // the tagged class; -1 for a user
+	principals []*tailcfg.SSHPrincipal
+	rules      []*tailcfg.SSHRule
+	dirty      bool // gained a source node in this compileSSH call
+}
+
+// sshStates starts the state of every SSH rule, with no sources yet.
+func (cp *compiler) sshStates() []*sshState {
+	out := make([]*sshState, len(cp.c.p.ssh))
+	for ri := range cp.c.p.ssh {
+		r := &cp.c.p.ssh[ri]
+		st := &sshState{r: r, byUser: map[uint64]*sshGroup{}, byClass: map[int]*sshGroup{}}
+		st.common, st.localDomains = r.sshUsers()
 		for _, a := range r.dst {
 			if a.kind == akSelf {
-				hasSelf = true
-				continue
+				st.hasSelf = true
+			} else {
+				st.hasDst = true
 			}
-			dstCl.or(cp.sel(a).classes)
 		}
-		emit := func(principals []int, users map[string]string, to bitset) {
-			rule := &tailcfg.SSHRule{
-				Principals: principalsOf(c, principals),
-				SSHUsers:   users,
-				Action:     r.action(),
-				AcceptEnv:  r.acceptEnv,
+		out[ri] = st
+	}
+	return out
+}
+
+// compileSSH adds the nodes from index first on to the SSH rules' sources,
+// re-emits the parts of the rules that gained source nodes, and rebuilds
+// the SSH rules of the classes in touch and of every class receiving a
+// re-emitted part; touch ends holding them all. Compile passes every node;
+// AddNodes the nodes it adds, with the classes it started in touch. New
+// nodes come after every node already added, so the parts keep the order a
+// single pass over all nodes gives them.
+func (cp *compiler) compileSSH(first int, touch *bitset) {
+	c := cp.c
+	nc := len(c.classes)
+	for _, st := range cp.ssh {
+		st.dstCl = newBitset(nc)
+		for _, a := range st.r.dst {
+			if a.kind != akSelf {
+				st.dstCl.or(cp.sel(a).classes)
 			}
-			to.each(func(ci int) {
-				c.classes[ci].ssh = append(c.classes[ci].ssh, rule)
-				if touched {
-					changed.add(ci)
-				}
-			})
 		}
-		if len(localDomains) == 0 {
-			if !dstCl.empty() {
-				emit(srcNodes, common, dstCl)
-			}
-			if hasSelf {
-				for _, u := range groupByUser(c, srcNodes) {
-					to := newBitset(nc)
-					for _, ci := range cp.userClasses[u.user] {
-						to.set(ci)
-					}
-					emit(u.nodes, common, to)
-				}
-			}
+		srcCl := newBitset(nc)
+		for _, a := range st.r.src {
+			srcCl.or(cp.sel(a).classes)
+		}
+		cp.addSSHSources(st, first, srcCl, touch)
+	}
+	touch.each(func(ci int) { c.classes[ci].ssh = cp.classSSH(ci) })
+}
+
+// addSSHSources adds the nodes from index first on that are in srcCl to
+// the rule's sources and re-emits the parts they join, adding the classes
+// receiving those parts to touch.
+func (cp *compiler) addSSHSources(st *sshState, first int, srcCl bitset, touch *bitset) {
+	c := cp.c
+	perUser := st.hasSelf || len(st.localDomains) > 0
+	allDirty := false
+	var dirty []*sshGroup
+	for ni := first; ni < len(c.nodes); ni++ {
+		ci := c.classOf[ni]
+		if !srcCl.has(ci) {
 			continue
 		}
-		// With localpart users, Tailscale emits the rule per source user (and
-		// per tagged source class) and also delivers it to the source's own
-		// nodes.
-		for _, u := range groupByUser(c, srcNodes) {
-			to := newBitset(nc)
-			to.or(dstCl)
-			for _, ci := range cp.userClasses[u.user] {
-				to.set(ci)
-			}
-			emit(u.nodes, common, to)
-			if lp, ok := localpartFor(c, u.user, localDomains); ok {
-				emit(u.nodes, map[string]string{lp: lp}, to)
-			}
+		pr := c.nodePrincipals(ni)
+		if st.hasDst && len(st.localDomains) == 0 {
+			st.principals = append(st.principals, pr...)
+			allDirty = true
 		}
-		byClass := map[int][]int{}
-		var order []int
-		for _, ni := range srcNodes {
-			if !c.nodes[ni].IsTagged() {
-				continue
+		var g *sshGroup
+		switch n := &c.nodes[ni]; {
+		case !n.IsTagged() && perUser:
+			if g = st.byUser[n.UserID]; g == nil {
+				g = &sshGroup{user: n.UserID, class: -1}
+				st.byUser[n.UserID] = g
+				st.users = append(st.users, g)
 			}
-			ci := c.classOf[ni]
-			if _, ok := byClass[ci]; !ok {
-				order = append(order, ci)
+		case n.IsTagged() && len(st.localDomains) > 0:
+			if g = st.byClass[ci]; g == nil {
+				g = &sshGroup{class: ci}
+				st.byClass[ci] = g
+				st.tagged = append(st.tagged, g)
 			}
-			byClass[ci] = append(byClass[ci], ni)
+		default:
+			continue
 		}
-		for _, ci := range order {
-			to := newBitset(nc)
-			to.or(dstCl)
-			to.set(ci)
-			emit(byClass[ci], common, to)
+		g.principals = append(g.principals, pr...)
+		if !g.dirty {
+			g.dirty = true
+			dirty = append(dirty, g)
+		}
+	}
+	emit := func(pr []*tailcfg.SSHPrincipal, users map[string]string) *tailcfg.SSHRule {
+		// Clipped: the state appends to pr for later joins.
+		return &tailcfg.SSHRule{Principals: slices.Clip(pr), SSHUsers: users, Action: st.r.action(), AcceptEnv: st.r.acceptEnv}
+	}
+	if allDirty {
+		st.all = emit(st.principals, st.common)
+		touch.orGrow(st.dstCl)
+	}
+	for _, g := range dirty {
+		g.dirty = false
+		g.rules = []*tailcfg.SSHRule{emit(g.principals, st.common)}
+		if len(st.localDomains) > 0 {
+			// With localpart users every part also goes to the rule's
+			// destinations.
+			touch.orGrow(st.dstCl)
+		}
+		if g.class >= 0 {
+			touch.add(g.class)
+			continue
+		}
+		if lp, ok := localpartFor(c, g.user, st.localDomains); ok {
+			g.rules = append(g.rules, emit(g.principals, map[string]string{lp: lp}))
+		}
+		for _, ci := range cp.userClasses[g.user] {
+			touch.add(ci)
 		}
 	}
 }
 
-type userNodes struct {
-	user  uint64
-	nodes []int
-}
-
-// groupByUser groups the untagged nodes by user, in first-seen order.
-func groupByUser(c *Compiled, nodes []int) []userNodes {
-	var out []userNodes
-	idx := map[uint64]int{}
-	for _, ni := range nodes {
-		n := &c.nodes[ni]
-		if n.IsTagged() {
-			continue
+// classSSH returns class ci's SSH rules: in rule order, the parts of each
+// rule that the class receives, in the order Tailscale emits them.
+func (cp *compiler) classSSH(ci int) []*tailcfg.SSHRule {
+	cl := cp.c.classes[ci]
+	var out []*tailcfg.SSHRule
+	for _, st := range cp.ssh {
+		if st.dstCl.has(ci) {
+			if st.all != nil {
+				out = append(out, st.all)
+			}
+			if len(st.localDomains) > 0 {
+				for _, g := range st.users {
+					out = append(out, g.rules...)
+				}
+				for _, g := range st.tagged {
+					out = append(out, g.rules...)
+				}
+				continue
+			}
 		}
-		i, ok := idx[n.UserID]
-		if !ok {
-			i = len(out)
-			idx[n.UserID] = i
-			out = append(out, userNodes{user: n.UserID})
+		// The part of the class's own user, or of the tagged class itself.
+		g := st.byUser[cl.user]
+		if cl.tagged {
+			g = st.byClass[ci]
 		}
-		out[i].nodes = append(out[i].nodes, ni)
+		if g != nil {
+			out = append(out, g.rules...)
+		}
 	}
 	return out
 }
@@ -177,17 +242,8 @@ func localpartFor(c *Compiled, uid uint64, domains []string) (string, bool) {
 	return local, true
 }
 
-func principalsOf(c *Compiled, nodes []int) []*tailcfg.SSHPrincipal {
-	var out []*tailcfg.SSHPrincipal
-	for _, ni := range nodes {
-		out = append(out, c.nodePrincipals(ni)...)
-	}
-	return out
-}
-
 // nodePrincipals returns node i's addresses as SSH principals, built once
-// per node: AddNodes rebuilds every SSH rule, whose sources can be most of
-// the tailnet, and profiles showed rendering them again as its main cost.
+// per node and shared by every SSH rule (and part of one) naming it.
 func (c *Compiled) nodePrincipals(i int) []*tailcfg.SSHPrincipal {
 	for len(c.principals) <= i {
 		c.principals = append(c.principals, nil)
