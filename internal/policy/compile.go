@@ -78,6 +78,10 @@ type srcList struct {
 	ips []string
 	// dirty is the AddNodes call that last changed ips.
 	dirty uint64
+	// holders are the classes holding a piece that uses a selector's list,
+	// which AddNodes reports changed when it re-renders the list. (An
+	// autogroup:self list's are its user's classes.)
+	holders bitset
 }
 
 // piece is one filter rule as a class receives it. Pieces are shared by every
@@ -651,15 +655,11 @@ func (cp *compiler) compileRules() {
 		}
 		rc := cp.receivers(r, nc, viaCl)
 		dstCl, selfEntries, wildDst := rc.dstCl, rc.selfEntries, rc.wild
-		cp.givePieces(ri, srcs, rc.recvs, func(ci int, pc *piece) {
-			c.classes[ci].pieces = append(c.classes[ci].pieces, pc)
-		})
+		cp.givePieces(ri, srcs, rc.recvs, cp.appendPiece)
 
 		// autogroup:self: each source user reaches their own untagged nodes.
 		if len(selfEntries) > 0 {
-			cp.compileSelf(ri, selfEntries, srcCl, func(ci int, pc *piece) {
-				c.classes[ci].pieces = append(c.classes[ci].pieces, pc)
-			}, func(x, y int) {
+			cp.compileSelf(ri, selfEntries, srcCl, cp.appendPiece, func(x, y int) {
 				direct[x].set(y)
 				direct[y].set(x)
 			})
@@ -713,6 +713,23 @@ func (cp *compiler) compileRules() {
 	cp.anyDst, _ = anyDstPfx.IPSet()
 	for ci := range c.classes {
 		cp.foldClass(ci, direct[ci])
+	}
+}
+
+// appendPiece gives class ci piece pc, which comes after its pieces in
+// (rule, self) order.
+func (cp *compiler) appendPiece(ci int, pc *piece) {
+	cp.c.classes[ci].pieces = append(cp.c.classes[ci].pieces, pc)
+	cp.holdLists(ci, pc)
+}
+
+// holdLists records class ci as a holder of pc's selector source lists.
+func (cp *compiler) holdLists(ci int, pc *piece) {
+	if pc.self {
+		return
+	}
+	for _, l := range pc.srcs {
+		l.holders.add(ci)
 	}
 }
 

@@ -190,7 +190,7 @@ func (a *adder) compileClass(ci int) {
 		if inDst {
 			srcs, _ := cp.srcRefs(r.src)
 			if pc := cp.newPiece(ri, srcs, m, c.nodes[cl.rep]); pc != nil {
-				insertPiece(cl, pc)
+				cp.insertPiece(ci, pc)
 			}
 			for _, sa := range r.src {
 				cp.sel(sa).reach.add(ci)
@@ -322,7 +322,7 @@ func (a *adder) selfNode(i int) {
 
 // insert gives class ci piece pc in rule order and marks it changed.
 func (a *adder) insert(ci int, pc *piece) {
-	insertPiece(a.cp.c.classes[ci], pc)
+	a.cp.insertPiece(ci, pc)
 	a.changed.add(ci)
 }
 
@@ -338,10 +338,11 @@ func (a *adder) link(x, y int) {
 	}
 }
 
-// insertPiece adds pc to the class's pieces in (rule, self) order, the
-// order compileRules appends them in. A class has at most one piece per
-// rule and part, so a second insert is a no-op.
-func insertPiece(cl *class, pc *piece) {
+// insertPiece gives class ci piece pc in (rule, self) order, the order
+// compileRules appends them in. A class has at most one piece per rule and
+// part, so a second insert is a no-op.
+func (cp *compiler) insertPiece(ci int, pc *piece) {
+	cl := cp.c.classes[ci]
 	at, found := slices.BinarySearchFunc(cl.pieces, pc, func(x, y *piece) int {
 		if x.ri != y.ri {
 			return x.ri - y.ri
@@ -350,6 +351,7 @@ func insertPiece(cl *class, pc *piece) {
 	})
 	if !found {
 		cl.pieces = slices.Insert(cl.pieces, at, pc)
+		cp.holdLists(ci, pc)
 	}
 }
 
@@ -378,16 +380,17 @@ func (a *adder) renderSelf() {
 	}
 }
 
-// markDirtyLists marks the classes holding a piece whose sources changed.
+// markDirtyLists marks the classes holding a piece whose sources changed:
+// the holders of the re-rendered selector lists, and the classes of the
+// users whose autogroup:self lists were.
 func (a *adder) markDirtyLists() {
-	gen := a.cp.adds
-	for ci, cl := range a.cp.c.classes {
-		if a.changed.has(ci) {
-			continue
+	for si := range a.dirtySels {
+		if l := a.cp.sels[si].src; l != nil {
+			a.changed.orGrow(l.holders)
 		}
-		if slices.ContainsFunc(cl.pieces, func(pc *piece) bool {
-			return slices.ContainsFunc(pc.srcs, func(l *srcList) bool { return l.dirty == gen })
-		}) {
+	}
+	for e := range a.dirtySelf {
+		for _, ci := range a.cp.userClasses[e.user] {
 			a.changed.add(ci)
 		}
 	}

@@ -239,3 +239,28 @@ func TestAddNodesSSHChangedIsPrecise(t *testing.T) {
 		t.Error("thor's desk lost its SSH policy")
 	}
 }
+
+// TestAddNodesReportsSelfList checks that a join reports the classes whose
+// only change is their user's autogroup:self source list.
+func TestAddNodesReportsSelfList(t *testing.T) {
+	pol, err := policy.Parse([]byte(`{"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// laptop (odin) and desk (thor); then odin's phone joins laptop's class.
+	c, err := pol.Compile(testUsers, []policy.Node{testNodes[0], testNodes[2]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := jsonOf(t, c.Filter(testNodes[0].ID))
+	changed, ok := c.AddNodes([]policy.Node{testNodes[1]})
+	if !ok {
+		t.Fatal("AddNodes declined")
+	}
+	if jsonOf(t, c.Filter(testNodes[0].ID)) == before {
+		t.Fatal("laptop's filter did not change: the test checks nothing")
+	}
+	if ci := c.ClassOf(testNodes[0].ID); !slices.Contains(changed, ci) {
+		t.Errorf("changed classes %v, want laptop's class %d", changed, ci)
+	}
+}
