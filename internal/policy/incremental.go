@@ -104,7 +104,9 @@ func (cp *compiler) canAdd(nodes []Node) (activate []int, ok bool) {
 		seen[n.ID] = true
 		ids, _ := cp.nodeSelectors(cp.index, n)
 		for _, si := range ids {
-			if s := cp.sels[si]; s.a.isNodeSelector() && len(s.addrs.Prefixes()) == 0 {
+			// Compared with the empty set: rendering the prefixes of a
+			// selector like autogroup:member was most of canAdd.
+			if s := cp.sels[si]; s.a.isNodeSelector() && s.addrs.Equal(&netipx.IPSet{}) {
 				filled[si] = true
 			}
 		}
