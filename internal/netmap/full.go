@@ -19,9 +19,12 @@ import (
 // are by ID, not position, so a join (a new, higher ID) or a change to one
 // node leaves the other chunks as they were. Classes that see a span's
 // peers the same way share its chunk; under a large policy classes differ
-// in a few peers here and there, and smaller spans keep the others shared
-// (at 256 ids, 4,000 classes' chunks held 1.4 GB in a restart storm).
-const chunkSpan = 64
+// in a few peers here and there (tagged nodes of many tags are spread over
+// every range), and smaller spans keep the others shared. Under the
+// generated 15,000-rule policy, the 4,148 classes' full maps held 3.1 GB
+// of distinct chunks at 64 ids, 1.0 GB at 32 and 0.24 GB at 16, for 6%
+// and 19% more compressed bytes per map than at 64 (a frame per chunk).
+const chunkSpan = 32
 
 // chunkEntry is a cached chunk: the peer encodings it holds, in order.
 type chunkEntry struct {
