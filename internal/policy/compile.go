@@ -149,6 +149,11 @@ type compiler struct {
 	active    []bool
 	selfRules []int
 	hasVia    bool
+	// selRules are, per selector, the rules naming it as a source or
+	// destination, and wildDstRules the rules to "*": the only rules that
+	// can give a class started by AddNodes a piece or name it as a source.
+	selRules     [][]int
+	wildDstRules []int
 	// anyDstReachedBy are the classes that are sources of rules to "*",
 	// and anyDst those rules' source prefixes.
 	anyDstReachedBy bitset
@@ -631,8 +636,10 @@ func (cp *compiler) compileRules() {
 	anyDstReachedBy := newBitset(nc) // sources of rules to "*"
 	var anyDstPfx netipx.IPSetBuilder
 	cp.active = make([]bool, len(c.p.rules))
+	cp.selRules = make([][]int, len(cp.sels))
 	for ri := range c.p.rules {
 		r := &c.p.rules[ri]
+		cp.indexRule(ri)
 		if len(r.via) > 0 {
 			cp.hasVia = true
 		}
@@ -713,6 +720,25 @@ func (cp *compiler) compileRules() {
 	cp.anyDst, _ = anyDstPfx.IPSet()
 	for ci := range c.classes {
 		cp.foldClass(ci, direct[ci])
+	}
+}
+
+// indexRule adds rule ri to selRules and wildDstRules.
+func (cp *compiler) indexRule(ri int) {
+	r := &cp.c.p.rules[ri]
+	for _, a := range r.src {
+		si := cp.selIdx[a.key()]
+		cp.selRules[si] = append(cp.selRules[si], ri)
+	}
+	for _, d := range r.dst {
+		switch d.a.kind {
+		case akSelf:
+		case akWildcard:
+			cp.wildDstRules = append(cp.wildDstRules, ri)
+		default:
+			si := cp.selIdx[d.a.key()]
+			cp.selRules[si] = append(cp.selRules[si], ri)
+		}
 	}
 }
 

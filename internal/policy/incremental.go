@@ -165,12 +165,20 @@ func (a *adder) addressNode(i int) {
 
 // compileClass gives a fresh class the regular (not autogroup:self) pieces
 // of every rule naming it as a destination, and records what its sources
-// and destinations reach, as compileRules does for every class.
+// and destinations reach, as compileRules does for every class. It walks
+// the rules naming the class's selectors, not all of them.
 func (a *adder) compileClass(ci int) {
 	cp := a.cp
 	c := cp.c
 	cl := c.classes[ci]
-	for ri := range c.p.rules {
+	rules := slices.Clone(cp.wildDstRules)
+	for _, sels := range [2][]int{cp.nodeSels[cl.rep], cp.nodeRSel[cl.rep]} {
+		for _, si := range sels {
+			rules = append(rules, cp.selRules[si]...)
+		}
+	}
+	slices.Sort(rules)
+	for _, ri := range slices.Compact(rules) {
 		if !cp.active[ri] {
 			continue
 		}
