@@ -61,7 +61,14 @@ type Engine struct {
 
 	// mu guards the view and sessions. It is held while computing, never
 	// across network I/O: sessions write from their own goroutines.
-	mu       sync.Mutex
+	mu sync.Mutex
+	// viewMu lets classes' full-map peers be built outside mu, on every
+	// core (buildClassFull): a batch holds it exclusively, under mu, while
+	// it changes nodes, compiled and viewGen, so holding it shared keeps
+	// them as they are. cacheMu guards enc and chunks, which builders
+	// share with holders of mu.
+	viewMu   sync.RWMutex
+	cacheMu  sync.Mutex
 	nodes    map[uint64]*state.Node
 	users    map[uint64]*state.User
 	pol      *policy.Policy
@@ -84,6 +91,9 @@ type Engine struct {
 	classFull map[int]*classFull
 	viewGen   uint64
 	viewSteps []viewStep
+	// building holds the classes whose full-map peers are being built
+	// outside mu; the channel is closed when the build is done.
+	building map[int]chan struct{}
 	// syncPending are the classes whose filter or SSH policy joins
 	// changed since lastSync; syncTimer wakes Run when a sync is due.
 	syncPending map[int]bool
@@ -150,7 +160,7 @@ func New(opts Options) *Engine {
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
 		enc: map[*state.Node]*peerEnc{}, classEnc: map[int]*classEnc{}, batchDone: make(chan struct{}),
-		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, syncPending: map[int]bool{}, filterEnc: newFilterEncoder(), profJSON: map[tailcfg.UserID][]byte{}, profChunks: map[uint64]*profChunk{}, filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
+		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, building: map[int]chan struct{}{}, syncPending: map[int]bool{}, filterEnc: newFilterEncoder(), profJSON: map[tailcfg.UserID][]byte{}, profChunks: map[uint64]*profChunk{}, filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -287,6 +297,8 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	metrics.ChangeBatch.Observe(float64(len(dirty) + btoi(policyChanged) + btoi(usersChanged)))
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.viewMu.Lock()
+	defer e.viewMu.Unlock()
 	defer func() {
 		close(e.batchDone)
 		e.batchDone = make(chan struct{})
@@ -402,11 +414,13 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		}
 	}
 	// Encodings of versions no session holds any more are dropped.
+	e.cacheMu.Lock()
 	for _, old := range b.prev {
 		if old != nil {
 			delete(e.enc, old)
 		}
 	}
+	e.cacheMu.Unlock()
 	metrics.DeltaSeconds.Observe(time.Since(start).Seconds())
 }
 
@@ -707,6 +721,7 @@ func (e *Engine) filterLocked(nodeID uint64) *filterEnc {
 // what the session has is exact) and assembled after it is released.
 func (e *Engine) Attach(s *session.Session) bool {
 	e.catchUp(s.NodeID)
+	e.buildClassFull(s.NodeID)
 	e.mu.Lock()
 	n := e.nodes[s.NodeID]
 	if n == nil {
@@ -750,6 +765,7 @@ func (e *Engine) Connected(nodeID uint64) bool {
 // FullMap builds a one-shot map for a non-streaming request.
 func (e *Engine) FullMap(nodeID uint64) ([]byte, bool) {
 	e.catchUp(nodeID)
+	e.buildClassFull(nodeID)
 	e.mu.Lock()
 	n := e.nodes[nodeID]
 	if n == nil {

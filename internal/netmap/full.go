@@ -42,20 +42,18 @@ const (
 	chunkIdleTTL = time.Minute
 )
 
-// chunkLocked returns the shared chunk holding exactly encs (each with a
+// chunk returns the shared chunk holding exactly encs (each with a
 // leading comma), building it on first request. Two classes that see the
-// same peers the same way share it too.
-func (e *Engine) chunkLocked(encs []*encoded) *session.Chunk {
+// same peers the same way share it too. The caller holds mu or viewMu;
+// the JSON is put together outside cacheMu, so builders on other cores
+// are not held up by it.
+func (e *Engine) chunk(encs []*encoded) *session.Chunk {
 	h := fnvOffset
 	for _, x := range encs {
 		h = fnvMix(h, uint64(uintptr(unsafe.Pointer(x))))
 	}
-	now := time.Now()
-	for _, ce := range e.chunks[h] {
-		if equalEncs(ce.encs, encs) {
-			ce.used, ce.usedTime = e.batchNo, now
-			return ce.chunk
-		}
+	if c := e.cachedChunk(h, encs, nil); c != nil {
+		return c
 	}
 	size := 0
 	for _, x := range encs {
@@ -66,9 +64,25 @@ func (e *Engine) chunkLocked(encs []*encoded) *session.Chunk {
 		b = append(b, ',')
 		b = append(b, x.full...)
 	}
-	ce := &chunkEntry{encs: encs, chunk: session.NewChunk(b), used: e.batchNo, usedTime: now}
-	e.chunks[h] = append(e.chunks[h], ce)
-	return ce.chunk
+	return e.cachedChunk(h, encs, session.NewChunk(b))
+}
+
+// cachedChunk returns the cached chunk of encs (hash h); when there is
+// none, it caches and returns c.
+func (e *Engine) cachedChunk(h uint64, encs []*encoded, c *session.Chunk) *session.Chunk {
+	now := time.Now()
+	e.cacheMu.Lock()
+	defer e.cacheMu.Unlock()
+	for _, ce := range e.chunks[h] {
+		if equalEncs(ce.encs, encs) {
+			ce.used, ce.usedTime = e.batchNo, now
+			return ce.chunk
+		}
+	}
+	if c != nil {
+		e.chunks[h] = append(e.chunks[h], &chunkEntry{encs: encs, chunk: c, used: e.batchNo, usedTime: now})
+	}
+	return c
 }
 
 // FNV-1a over 64-bit words, for cache keys made of pointers and ids.
@@ -102,6 +116,8 @@ func (e *Engine) sweepChunksLocked() {
 			delete(e.profChunks, h)
 		}
 	}
+	e.cacheMu.Lock()
+	defer e.cacheMu.Unlock()
 	for h, list := range e.chunks {
 		keep := list[:0]
 		for _, ce := range list {
@@ -144,7 +160,9 @@ func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
 	if first != nil {
 		fn := e.nodes[first.ID]
 		hb := append(head.Key("Peers"), '[')
+		e.cacheMu.Lock()
 		hb = append(hb, e.peerJSON(fn, first.AllowedIPs, first.PrimaryRoutes).full...)
+		e.cacheMu.Unlock()
 		parts = append(parts, session.Part{Raw: hb})
 		for _, sp := range cf.spans {
 			switch {
@@ -153,7 +171,7 @@ func (e *Engine) fullPartsLocked(ss *sessState, n *state.Node) []session.Part {
 			case sp.span == first.ID/chunkSpan:
 				// Every member but the first peer itself has the
 				// same span without it: cached as one chunk.
-				parts = appendChunk(parts, e.spanChunkLocked(sp.peers, first.ID, first.ID, nil))
+				parts = appendChunk(parts, e.spanChunk(sp.peers, first.ID, first.ID, nil))
 			default:
 				parts = appendChunk(parts, sp.chunk)
 			}
@@ -182,7 +200,7 @@ const miniSpan = 16
 func (e *Engine) ownSpanPartsLocked(parts []session.Part, peers []policy.Peer, skip1, skip2 uint64) []session.Part {
 	for rest := peers; len(rest) > 0; {
 		k := runLen(rest, miniSpan)
-		parts = appendChunk(parts, e.spanChunkLocked(rest[:k], skip1, skip2, nil))
+		parts = appendChunk(parts, e.spanChunk(rest[:k], skip1, skip2, nil))
 		rest = rest[k:]
 	}
 	return parts
@@ -355,11 +373,59 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 		// The peer list is the class's cached one, not a copy: at
 		// thousands of classes a copy each took gigabytes.
 		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
-		cf.spans = e.spansLocked(cf.peers, nil, nil, &cf.owners)
+		cf.spans = e.spans(cf.peers, nil, nil, &cf.owners)
 	}
 	e.classFull[cl] = cf
 	cf.used, cf.usedTime = e.batchNo, time.Now()
 	return cf
+}
+
+// buildClassFull builds the full-map peers of nodeID's class, when they
+// are missing, outside mu (holding viewMu shared) and caches them, so that
+// the classes of a reconnect storm are built on every core rather than
+// one after another under mu: after a restart under the 15,000-rule
+// policy each of 4,148 classes builds its list and spans on its first
+// reconnect, and that was most of the storm's time under mu. A class
+// already being built is waited for. If a batch changes the view in the
+// meantime the result is dropped, and classFullLocked builds under mu.
+func (e *Engine) buildClassFull(nodeID uint64) {
+	e.mu.Lock()
+	if e.nodes[nodeID] == nil {
+		e.mu.Unlock()
+		return
+	}
+	cl := e.compiled.ClassOf(nodeID)
+	if cf := e.classFull[cl]; cf != nil && e.extendable(cf.gen) {
+		e.mu.Unlock()
+		return
+	}
+	if wait := e.building[cl]; wait != nil {
+		e.mu.Unlock()
+		<-wait
+		return
+	}
+	done := make(chan struct{})
+	e.building[cl] = done
+	gen := e.viewGen
+	e.mu.Unlock()
+
+	var cf *classFull
+	e.viewMu.RLock()
+	if e.viewGen == gen {
+		cf = &classFull{gen: gen, peers: e.compiled.ClassPeers(nodeID)}
+		cf.spans = e.spans(cf.peers, nil, nil, &cf.owners)
+	}
+	e.viewMu.RUnlock()
+
+	e.mu.Lock()
+	delete(e.building, cl)
+	close(done)
+	if old := e.classFull[cl]; cf != nil && e.viewGen == gen && (old == nil || old.gen != gen) {
+		cf.used, cf.usedTime = e.batchNo, time.Now()
+		e.classFull[cl] = cf
+		e.classPeers[cl] = cf.peers
+	}
+	e.mu.Unlock()
 }
 
 // addOwner adds the owner of peer id; a new one invalidates the profiles.
@@ -402,14 +468,15 @@ func (e *Engine) extendClassFullLocked(old *classFull, nodeID uint64) *classFull
 		dirty[id/chunkSpan] = true
 		cf.addOwner(e, id)
 	}
-	cf.spans = e.spansLocked(cf.peers, old.spans, dirty, nil)
+	cf.spans = e.spans(cf.peers, old.spans, dirty, nil)
 	return cf
 }
 
-// spansLocked divides a peer list into chunks by node-ID span, reusing
-// the chunks of old spans that are not dirty. The owners of the peers in
-// spans it builds are added to owners, if set.
-func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint64]bool, owners *ownerSet) []peerSpan {
+// spans divides a peer list into chunks by node-ID span, reusing the
+// chunks of old spans that are not dirty. The owners of the peers in
+// spans it builds are added to owners, if set. The caller holds mu or
+// viewMu.
+func (e *Engine) spans(peers []policy.Peer, old []peerSpan, dirty map[uint64]bool, owners *ownerSet) []peerSpan {
 	var out []peerSpan
 	for rest := peers; len(rest) > 0; {
 		span, k := rest[0].ID/chunkSpan, runLen(rest, chunkSpan)
@@ -420,7 +487,7 @@ func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint
 		if len(old) > 0 && old[0].span == span && !dirty[span] {
 			ch = old[0].chunk
 		} else {
-			ch = e.spanChunkLocked(rest[:k], 0, 0, owners)
+			ch = e.spanChunk(rest[:k], 0, 0, owners)
 		}
 		out = append(out, peerSpan{span: span, peers: rest[:k], chunk: ch})
 		rest = rest[k:]
@@ -428,23 +495,36 @@ func (e *Engine) spansLocked(peers []policy.Peer, old []peerSpan, dirty map[uint
 	return out
 }
 
-// spanChunkLocked returns the chunk of peers without the nodes skip1 and
-// skip2 (the session's own node and the peer its header holds), nil if
-// none is left. The peers' owners are added to owners, if set.
-func (e *Engine) spanChunkLocked(peers []policy.Peer, skip1, skip2 uint64, owners *ownerSet) *session.Chunk {
-	encs := make([]*encoded, 0, len(peers))
-	for _, p := range peers {
+// spanChunk returns the chunk of peers without the nodes skip1 and skip2
+// (the session's own node and the peer its header holds), nil if none is
+// left. The peers' owners are added to owners, if set. The caller holds
+// mu or viewMu.
+func (e *Engine) spanChunk(peers []policy.Peer, skip1, skip2 uint64, owners *ownerSet) *session.Chunk {
+	// The nodes are looked up before taking cacheMu, which builders of
+	// other classes wait for.
+	pns := make([]*state.Node, len(peers))
+	n := 0
+	for i, p := range peers {
 		if pn := e.nodes[p.ID]; pn != nil && p.ID != skip1 && p.ID != skip2 {
-			encs = append(encs, e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes))
+			pns[i] = pn
+			n++
 			if owners != nil {
 				owners.add(ownerID(pn))
 			}
 		}
 	}
-	if len(encs) == 0 {
+	if n == 0 {
 		return nil
 	}
-	return e.chunkLocked(encs)
+	encs := make([]*encoded, 0, n)
+	e.cacheMu.Lock()
+	for i, pn := range pns {
+		if pn != nil {
+			encs = append(encs, e.peerJSON(pn, peers[i].AllowedIPs, peers[i].PrimaryRoutes))
+		}
+	}
+	e.cacheMu.Unlock()
+	return e.chunk(encs)
 }
 
 // classPeersLocked returns a node's class peer list, computed once per

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"slices"
+	"sync"
 	"testing"
 
 	"tailscale.com/tailcfg"
@@ -74,4 +75,74 @@ func mustJSON(t *testing.T, v any) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestConcurrentFullMapsDuringJoins builds full maps from several
+// goroutines while batches of joins run, as a reconnect storm during
+// joins does: classes' peers are then built outside the engine lock
+// (buildClassFull). Run with -race. Afterwards every cached class must
+// give the map a fresh build gives: a build that read a view newer than
+// the generation it was recorded under would carry joined nodes twice
+// once brought forward.
+func TestConcurrentFullMapsDuringJoins(t *testing.T) {
+	tn := smallTailnet(scopedPolicy, 6, 240, func(i int) bool { return i%20 == 7 }, "tag:ops")
+	f := newBenchFixture(t, tn)
+	ids := slices.Clone(f.ids)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for i := w; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				id := ids[i%len(ids)]
+				if i%3 == 0 {
+					f.e.Attach(session.New(id, false))
+				} else if _, ok := f.e.FullMap(id); !ok {
+					t.Errorf("node %d: no full map", id)
+				}
+				if i%8 == 0 {
+					// Make every class build again.
+					f.e.mu.Lock()
+					clear(f.e.classFull)
+					f.e.mu.Unlock()
+				}
+			}
+		})
+	}
+	for round := range 40 {
+		f.join(t, benchNode{user: round % 6})
+		if round%4 == 3 {
+			f.join(t, benchNode{user: 0, tags: []string{"tag:secret"}})
+		}
+	}
+	close(stop)
+	wg.Wait()
+
+	fullMap := func(id uint64) string {
+		m, ok := f.e.FullMap(id)
+		if !ok {
+			t.Fatalf("node %d: no full map", id)
+		}
+		var r tailcfg.MapResponse
+		if err := json.Unmarshal(m, &r); err != nil {
+			t.Fatal(err)
+		}
+		r.ControlTime = nil
+		return mustJSON(t, r)
+	}
+	for _, id := range ids {
+		got := fullMap(id)
+		f.e.mu.Lock()
+		cl := f.e.compiled.ClassOf(id)
+		cf := f.e.classFull[cl]
+		delete(f.e.classFull, cl)
+		f.e.mu.Unlock()
+		if want := fullMap(id); got != want {
+			t.Fatalf("node %d: full map from the cached class peers (generation %d) differs from a fresh one", id, cf.gen)
+		}
+	}
 }

@@ -123,7 +123,8 @@ func prefixKey(ps []netip.Prefix) string {
 }
 
 // peerJSON returns the shared encoding of n as a peer, encoding it once
-// per node version and allowed-IPs variant (DESIGN principle 4).
+// per node version and allowed-IPs variant (DESIGN principle 4). The
+// caller holds cacheMu, or holds viewMu exclusively (a batch).
 func (e *Engine) peerJSON(n *state.Node, allowed, primary []netip.Prefix) *encoded {
 	pe := e.enc[n]
 	if pe == nil {
