@@ -152,7 +152,7 @@ func (s *Server) serveNoise(w http.ResponseWriter, r *http.Request) {
 	}
 	// The handshake is unauthenticated: bound it in time.
 	hctx, cancel := context.WithTimeout(r.Context(), handshakeTimeout)
-	conn, err := controlhttpserver.AcceptHTTP(hctx, w, r, s.noiseKey, nil)
+	conn, err := controlhttpserver.AcceptHTTP(hctx, batchingWriter{w}, r, s.noiseKey, nil)
 	cancel()
 	if err != nil {
 		s.log.Debug("noise handshake rejected", "remote", r.RemoteAddr, "err", err)
