@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -114,16 +115,7 @@ func TestJoinBurstSyncsFiltersOnce(t *testing.T) {
 		}
 		return out
 	}
-	hasAddr := func(ips []string, id uint64) bool {
-		a := f.st.Node(id).IPv4
-		return slices.ContainsFunc(ips, func(s string) bool {
-			if r, err := netipx.ParseIPRange(s); err == nil {
-				return r.Contains(a)
-			}
-			p, err := netip.ParsePrefix(s)
-			return s == a.String() || (err == nil && p.Contains(a))
-		})
-	}
+	hasAddr := func(ips []string, id uint64) bool { return srcsHold(ips, f.st.Node(id).IPv4) }
 
 	// A quiet tailnet: the first join reaches tag:srv's filter at once.
 	f.e.lastSync = time.Time{}
@@ -149,6 +141,18 @@ func TestJoinBurstSyncsFiltersOnce(t *testing.T) {
 	if !hasAddr(got, b) || !hasAddr(got, c) {
 		t.Fatalf("due sync: tag:srv's filter sources %v lack the deferred joins", got)
 	}
+}
+
+// srcsHold reports whether a FilterRule source list (addresses, prefixes
+// and ranges) holds a.
+func srcsHold(ips []string, a netip.Addr) bool {
+	return slices.ContainsFunc(ips, func(s string) bool {
+		if r, err := netipx.ParseIPRange(s); err == nil {
+			return r.Contains(a)
+		}
+		p, err := netip.ParsePrefix(s)
+		return s == a.String() || (err == nil && p.Contains(a))
+	})
 }
 
 // collect delivers everything pending on s and returns the messages.
@@ -223,5 +227,55 @@ func TestSameDeltasShareAnEncoding(t *testing.T) {
 	own.SSHPolicy = json.RawMessage(`{}`)
 	if sd.find(own) != own {
 		t.Fatal("a delta with an SSH policy was shared")
+	}
+}
+
+// TestJoinSyncsEachNodesOwnFilter: when a join changes an
+// autogroup:self rule, every member of a class gets that rule's chunk
+// naming its own addresses, though the chunks all members share are
+// computed once per class.
+func TestJoinSyncsEachNodesOwnFilter(t *testing.T) {
+	tn := smallTailnet([]byte(`{
+  "acls": [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:80"]},
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:22"]}
+  ]
+}`), 2, 10, func(int) bool { return false }, "")
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	f.e.lastSync = time.Time{}
+	joined := f.join(t, benchNode{user: 1})
+	for i, id := range f.ids {
+		if i%2 != 1 {
+			continue // user0's nodes: their self rule did not change
+		}
+		var shared, own []tailcfg.FilterRule
+		for _, m := range collect(t, f.sessions[id]) {
+			for name, rules := range m.PacketFilters {
+				if strings.HasSuffix(name, "s") {
+					own = append(own, rules...)
+				} else {
+					shared = append(shared, rules...)
+				}
+			}
+		}
+		if len(shared) == 0 {
+			t.Fatalf("node %d: the member rule's chunk, changed by the join, was not sent", id)
+		}
+		me := f.st.Node(id).IPv4.String()
+		var dsts []string
+		for _, fr := range own {
+			for _, d := range fr.DstPorts {
+				dsts = append(dsts, d.IP)
+			}
+			if !srcsHold(fr.SrcIPs, f.st.Node(joined).IPv4) {
+				t.Fatalf("node %d: self rule sources %v lack the joined node", id, fr.SrcIPs)
+			}
+		}
+		if !slices.Contains(dsts, me) || slices.ContainsFunc(dsts, func(d string) bool {
+			return strings.HasPrefix(d, "100.") && d != me
+		}) {
+			t.Fatalf("node %d (%s): self rule destinations %v, want its own addresses only", id, me, dsts)
+		}
 	}
 }
