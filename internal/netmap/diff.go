@@ -13,16 +13,24 @@ import (
 
 // update accumulates one session's delta.
 type update struct {
-	u    session.Update
-	prof profileSet
+	u session.Update
 }
 
+// changed adds a peer's new encoding, and its owner's profile.
 func (d *update) changed(e *Engine, pn *state.Node, enc *encoded) {
 	if d.u.PeersChanged == nil {
 		d.u.PeersChanged = map[uint64]json.RawMessage{}
 	}
 	d.u.PeersChanged[pn.ID] = enc.full
-	d.prof.add(e, ownerID(pn))
+	uid := ownerID(pn)
+	if _, ok := d.u.UserProfiles[uint64(uid)]; !ok {
+		if pj := e.profileJSONLocked(uid); pj != nil {
+			if d.u.UserProfiles == nil {
+				d.u.UserProfiles = map[uint64]json.RawMessage{}
+			}
+			d.u.UserProfiles[uint64(uid)] = pj
+		}
+	}
 }
 
 func (d *update) removed(id uint64) {
@@ -59,12 +67,6 @@ func (b *batch) patch(old, cur *state.Node) *tailcfg.PeerChange {
 
 // result returns the update, or nil when there is nothing to send.
 func (d *update) result() *session.Update {
-	for i, b := range d.prof.list {
-		if d.u.UserProfiles == nil {
-			d.u.UserProfiles = map[uint64]json.RawMessage{}
-		}
-		d.u.UserProfiles[uint64(d.prof.ids[i])] = b
-	}
 	u := &d.u
 	if u.Self == nil && u.PacketFilters == nil && u.SSHPolicy == nil && len(u.PeersChanged) == 0 &&
 		len(u.PeersRemoved) == 0 && len(u.Patches) == 0 {

@@ -63,7 +63,7 @@ type Engine struct {
 	// across network I/O: sessions write from their own goroutines.
 	mu sync.Mutex
 	// viewMu lets classes' full-map peers be built outside mu, on every
-	// core (buildClassFull): a batch holds it exclusively, under mu, while
+	// core (buildClassFullLocked): a batch holds it exclusively, under mu, while
 	// it changes nodes, compiled and viewGen, so holding it shared keeps
 	// them as they are. cacheMu guards enc and chunks, which builders
 	// share with holders of mu.
@@ -721,8 +721,8 @@ func (e *Engine) filterLocked(nodeID uint64) *filterEnc {
 // what the session has is exact) and assembled after it is released.
 func (e *Engine) Attach(s *session.Session) bool {
 	e.catchUp(s.NodeID)
-	e.buildClassFull(s.NodeID)
 	e.mu.Lock()
+	e.buildClassFullLocked(s.NodeID)
 	n := e.nodes[s.NodeID]
 	if n == nil {
 		e.mu.Unlock()
@@ -765,8 +765,8 @@ func (e *Engine) Connected(nodeID uint64) bool {
 // FullMap builds a one-shot map for a non-streaming request.
 func (e *Engine) FullMap(nodeID uint64) ([]byte, bool) {
 	e.catchUp(nodeID)
-	e.buildClassFull(nodeID)
 	e.mu.Lock()
+	e.buildClassFullLocked(nodeID)
 	n := e.nodes[nodeID]
 	if n == nil {
 		e.mu.Unlock()

@@ -372,36 +372,35 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 	if cf == nil {
 		// The peer list is the class's cached one, not a copy: at
 		// thousands of classes a copy each took gigabytes.
-		cf = &classFull{gen: e.viewGen, peers: e.classPeersLocked(nodeID)}
-		cf.spans = e.spans(cf.peers, nil, nil, &cf.owners)
+		cf = e.newClassFull(e.viewGen, e.classPeersLocked(nodeID))
 	}
 	e.classFull[cl] = cf
 	cf.used, cf.usedTime = e.batchNo, time.Now()
 	return cf
 }
 
-// buildClassFull builds the full-map peers of nodeID's class, when they
-// are missing, outside mu (holding viewMu shared) and caches them, so that
+// buildClassFullLocked builds the full-map peers of nodeID's class, when
+// they are missing, outside mu (holding viewMu shared) and caches them, so that
 // the classes of a reconnect storm are built on every core rather than
 // one after another under mu: after a restart under the 15,000-rule
 // policy each of 4,148 classes builds its list and spans on its first
 // reconnect, and that was most of the storm's time under mu. A class
 // already being built is waited for. If a batch changes the view in the
 // meantime the result is dropped, and classFullLocked builds under mu.
-func (e *Engine) buildClassFull(nodeID uint64) {
-	e.mu.Lock()
+// The caller holds mu; it is released while building or waiting, so the
+// caller must look up what it needs again after the call.
+func (e *Engine) buildClassFullLocked(nodeID uint64) {
 	if e.nodes[nodeID] == nil {
-		e.mu.Unlock()
 		return
 	}
 	cl := e.compiled.ClassOf(nodeID)
 	if cf := e.classFull[cl]; cf != nil && e.extendable(cf.gen) {
-		e.mu.Unlock()
 		return
 	}
 	if wait := e.building[cl]; wait != nil {
 		e.mu.Unlock()
 		<-wait
+		e.mu.Lock()
 		return
 	}
 	done := make(chan struct{})
@@ -412,8 +411,7 @@ func (e *Engine) buildClassFull(nodeID uint64) {
 	var cf *classFull
 	e.viewMu.RLock()
 	if e.viewGen == gen {
-		cf = &classFull{gen: gen, peers: e.compiled.ClassPeers(nodeID)}
-		cf.spans = e.spans(cf.peers, nil, nil, &cf.owners)
+		cf = e.newClassFull(gen, e.compiled.ClassPeers(nodeID))
 	}
 	e.viewMu.RUnlock()
 
@@ -425,7 +423,14 @@ func (e *Engine) buildClassFull(nodeID uint64) {
 		e.classFull[cl] = cf
 		e.classPeers[cl] = cf.peers
 	}
-	e.mu.Unlock()
+}
+
+// newClassFull builds a class's full-map peers from its peer list: the
+// spans' chunks and the peers' owners. The caller holds mu or viewMu.
+func (e *Engine) newClassFull(gen uint64, peers []policy.Peer) *classFull {
+	cf := &classFull{gen: gen, peers: peers}
+	cf.spans = e.spans(peers, nil, nil, &cf.owners)
+	return cf
 }
 
 // addOwner adds the owner of peer id; a new one invalidates the profiles.
@@ -609,31 +614,6 @@ func (s *ownerSet) sorted() []tailcfg.UserID {
 	}
 	slices.Sort(out)
 	return out
-}
-
-// profileSet collects the user profiles a message must carry, encoded.
-type profileSet struct {
-	seen map[tailcfg.UserID]bool
-	ids  []tailcfg.UserID
-	list [][]byte
-}
-
-// add adds uid's profile and reports whether it was new.
-func (ps *profileSet) add(e *Engine, uid tailcfg.UserID) bool {
-	if ps.seen[uid] {
-		return false
-	}
-	if ps.seen == nil {
-		ps.seen = map[tailcfg.UserID]bool{}
-	}
-	ps.seen[uid] = true
-	b := e.profileJSONLocked(uid)
-	if b == nil {
-		return false
-	}
-	ps.ids = append(ps.ids, uid)
-	ps.list = append(ps.list, b)
-	return true
 }
 
 // profileJSONLocked returns a user's profile as clients see it, encoded

@@ -80,7 +80,7 @@ func mustJSON(t *testing.T, v any) string {
 // TestConcurrentFullMapsDuringJoins builds full maps from several
 // goroutines while batches of joins run, as a reconnect storm during
 // joins does: classes' peers are then built outside the engine lock
-// (buildClassFull). Run with -race. Afterwards every cached class must
+// (buildClassFullLocked). Run with -race. Afterwards every cached class must
 // give the map a fresh build gives: a build that read a view newer than
 // the generation it was recorded under would carry joined nodes twice
 // once brought forward.
