@@ -110,29 +110,13 @@ func (c *Compiled) ClassPeers(nodeID uint64) []Peer {
 		}
 		return out
 	}
-	// Sparse IDs: members are sorted as packed (id, index) integers,
-	// cheaper than sorting Peer structs.
-	keys := make([]uint64, 0, n)
-	packed := true
-	cl.visible.each(func(pci int) {
-		for _, pi := range c.classes[pci].members {
-			id := c.nodes[pi].ID
-			packed = packed && id < 1<<40 && pi < 1<<24
-			keys = append(keys, id<<24|uint64(pi))
-		}
-	})
-	if !packed {
-		cl.visible.each(func(pci int) {
-			for _, pi := range c.classes[pci].members {
-				out = append(out, c.peerView(cl, pi))
-			}
-		})
-		slices.SortFunc(out, func(a, b Peer) int { return cmp.Compare(a.ID, b.ID) })
-		return out
-	}
-	slices.Sort(keys)
-	for _, k := range keys {
-		out = append(out, c.peerView(cl, int(k&(1<<24-1))))
+	// Sparse IDs (most nodes ever registered since deleted): the member
+	// indices are sorted by ID.
+	idx := make([]int, 0, n)
+	cl.visible.each(func(pci int) { idx = append(idx, c.classes[pci].members...) })
+	slices.SortFunc(idx, func(a, b int) int { return cmp.Compare(c.nodes[a].ID, c.nodes[b].ID) })
+	for _, pi := range idx {
+		out = append(out, c.peerView(cl, pi))
 	}
 	return out
 }

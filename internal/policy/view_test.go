@@ -14,9 +14,9 @@ import (
 // in it when its class sees itself), with nodes in any order given to
 // Compile.
 func TestClassPeersMatchPeerView(t *testing.T) {
-	// ClassPeers orders peers by slots when IDs are dense, by a packed
-	// integer sort when sparse, and by sorting structs when IDs are too
-	// large to pack: each layout takes one of those paths.
+	// ClassPeers places peers in ID slots when IDs are dense and sorts
+	// them when sparse: each layout takes one of those paths, the last
+	// with IDs beyond 2^40.
 	for _, layout := range []struct {
 		name string
 		id   func(uint64) uint64
