@@ -110,13 +110,14 @@ func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string][]session
 		ss.filterSum = f.sum
 		return f.chunks
 	}
-	chs := e.compiled.FilterChunksSince(id, since)
-	if len(chs) == 0 {
+	parts := b.partsSince(e.compiled, e.compiled.ClassOf(id), since)
+	if len(parts) == 0 {
 		return nil
 	}
-	pf := make(map[string][]session.Part, len(chs))
-	for _, ch := range chs {
-		pf[ch.Name] = e.filterEnc.encode(ch.Rules)
+	own := ownDsts(e.compiled.OwnAddrs(id))
+	pf := make(map[string][]session.Part, len(parts))
+	for _, p := range parts {
+		pf[p.Name()] = e.filterEnc.encodePart(e.compiled, id, p, own)
 	}
 	ss.filterSum = 0
 	if e.classEncLocked(id).shared {

@@ -263,6 +263,28 @@ type batch struct {
 	// their SSH policy, when it differs.
 	syncAll bool
 	sync    map[int]bool
+	// parts caches ClassFilterPartsSince per class and generation: the
+	// members of a class share the search for changed pieces.
+	parts map[partsKey][]policy.FilterPart
+}
+
+type partsKey struct {
+	class int
+	since uint64
+}
+
+// partsSince returns c.ClassFilterPartsSince(cl, since), once per batch.
+func (b *batch) partsSince(c *policy.Compiled, cl int, since uint64) []policy.FilterPart {
+	k := partsKey{cl, since}
+	ps, ok := b.parts[k]
+	if !ok {
+		ps = c.ClassFilterPartsSince(cl, since)
+		if b.parts == nil {
+			b.parts = map[partsKey][]policy.FilterPart{}
+		}
+		b.parts[k] = ps
+	}
+	return ps
 }
 
 // filtersFor reports whether the batch brings class cl's filter and SSH
@@ -687,13 +709,14 @@ func (e *Engine) filterLocked(nodeID uint64) *filterEnc {
 		return ce.filter
 	}
 	f := &filterEnc{chunks: map[string][]session.Part{"*": nil}}
-	chs := e.compiled.FilterChunks(nodeID)
+	parts := e.compiled.ClassFilterParts(e.compiled.ClassOf(nodeID))
+	own := ownDsts(e.compiled.OwnAddrs(nodeID))
 	obj := &session.Builder{B: []byte(`{"*":null`)}
-	for _, ch := range chs {
-		enc := e.filterEnc.encode(ch.Rules)
-		f.chunks[ch.Name] = enc
+	for _, p := range parts {
+		enc := e.filterEnc.encodePart(e.compiled, nodeID, p, own)
+		f.chunks[p.Name()] = enc
 		obj.B = append(obj.B, ',')
-		obj.B = appendJSONString(obj.B, ch.Name)
+		obj.B = appendJSONString(obj.B, p.Name())
 		obj.B = append(obj.B, ':')
 		obj.Append(enc)
 	}

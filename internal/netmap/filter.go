@@ -2,11 +2,13 @@ package netmap
 
 import (
 	"encoding/json"
+	"slices"
 	"strconv"
 	"unsafe"
 
 	"tailscale.com/tailcfg"
 
+	"github.com/tailplane/tailplane/internal/policy"
 	"github.com/tailplane/tailplane/internal/session"
 )
 
@@ -24,6 +26,9 @@ import (
 // tenth of the server's CPU in a join storm under the 15,000-rule policy).
 type filterEncoder struct {
 	srcs map[srcKey]*srcEnc
+	// parts caches what every node's rendering of a filter part shares:
+	// its fixed destinations and protocols, written once per piece.
+	parts map[policy.FilterPart]*partEnc
 	// gen counts sweeps; an entry not used since the previous sweep goes.
 	gen uint64
 }
@@ -44,7 +49,23 @@ type srcEnc struct {
 // lists stay inline.
 const sharedSrcSize = 512
 
-func newFilterEncoder() *filterEncoder { return &filterEncoder{srcs: map[srcKey]*srcEnc{}} }
+// partEnc is the JSON a filter part's rules share, around the source list
+// and the receiving node's own destinations.
+type partEnc struct {
+	// dst are the fixed DstPorts entries, comma-separated; self the tail
+	// of an own-address entry per SelfPorts range, after its "IP".
+	dst  []byte
+	self [][]byte
+	// tail ends a rule: its IPProto and the closing brace.
+	tail []byte
+	// marshal: rules encoding/json must write (app grants, Bits).
+	marshal bool
+	used    uint64
+}
+
+func newFilterEncoder() *filterEncoder {
+	return &filterEncoder{srcs: map[srcKey]*srcEnc{}, parts: map[policy.FilterPart]*partEnc{}}
+}
 
 // sweep drops the lists not used since the previous sweep. Lists the
 // compiler replaced (a join changed them) are no longer asked for; those
@@ -54,6 +75,11 @@ func (fe *filterEncoder) sweep() {
 	for k, se := range fe.srcs {
 		if se.used+1 < fe.gen {
 			delete(fe.srcs, k)
+		}
+	}
+	for k, pe := range fe.parts {
+		if pe.used+1 < fe.gen {
+			delete(fe.parts, k)
 		}
 	}
 }
@@ -133,32 +159,131 @@ func (fe *filterEncoder) appendRules(p *session.Builder, rules []tailcfg.FilterR
 		fe.appendSrcs(p, r.SrcIPs)
 		if len(r.DstPorts) > 0 {
 			p.B = append(p.B, `,"DstPorts":[`...)
-			for j, d := range r.DstPorts {
-				if j > 0 {
-					p.B = append(p.B, ',')
-				}
-				p.B = append(p.B, `{"IP":`...)
-				p.B = appendJSONString(p.B, d.IP)
-				p.B = append(p.B, `,"Ports":{"First":`...)
-				p.B = strconv.AppendUint(p.B, uint64(d.Ports.First), 10)
-				p.B = append(p.B, `,"Last":`...)
-				p.B = strconv.AppendUint(p.B, uint64(d.Ports.Last), 10)
-				p.B = append(p.B, "}}"...)
-			}
+			p.B = appendDsts(p.B, r.DstPorts)
 			p.B = append(p.B, ']')
 		}
-		if len(r.IPProto) > 0 {
-			p.B = append(p.B, `,"IPProto":[`...)
-			for j, proto := range r.IPProto {
-				if j > 0 {
-					p.B = append(p.B, ',')
-				}
-				p.B = strconv.AppendInt(p.B, int64(proto), 10)
-			}
-			p.B = append(p.B, ']')
-		}
-		p.B = append(p.B, '}')
+		p.B = appendRuleTail(p.B, r.IPProto)
 	}
+}
+
+// appendDsts writes DstPorts entries, comma-separated.
+func appendDsts(b []byte, ds []tailcfg.NetPortRange) []byte {
+	for j, d := range ds {
+		if j > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, `{"IP":`...)
+		b = appendJSONString(b, d.IP)
+		b = appendPorts(b, d.Ports)
+	}
+	return b
+}
+
+// appendPorts writes the end of a DstPorts entry, from after its IP.
+func appendPorts(b []byte, pr tailcfg.PortRange) []byte {
+	b = append(b, `,"Ports":{"First":`...)
+	b = strconv.AppendUint(b, uint64(pr.First), 10)
+	b = append(b, `,"Last":`...)
+	b = strconv.AppendUint(b, uint64(pr.Last), 10)
+	return append(b, "}}"...)
+}
+
+// appendRuleTail writes a rule's IPProto, if any, and closes it.
+func appendRuleTail(b []byte, protos []int) []byte {
+	if len(protos) > 0 {
+		b = append(b, `,"IPProto":[`...)
+		for j, proto := range protos {
+			if j > 0 {
+				b = append(b, ',')
+			}
+			b = strconv.AppendInt(b, int64(proto), 10)
+		}
+		b = append(b, ']')
+	}
+	return append(b, '}')
+}
+
+// ownDsts returns the start of a DstPorts entry for each of a node's own
+// addresses, up to its Ports: what a filter part adds per receiver.
+func ownDsts(addrs []string) [][]byte {
+	out := make([][]byte, len(addrs))
+	for i, a := range addrs {
+		out[i] = appendJSONString([]byte(`{"IP":`), a)
+	}
+	return out
+}
+
+// partEncFor returns the shared JSON of part p, building it on first use.
+func (fe *filterEncoder) partEncFor(p policy.FilterPart) *partEnc {
+	pe := fe.parts[p]
+	if pe == nil {
+		pe = &partEnc{marshal: p.HasCaps() || hasBits(p.Dst())}
+		pe.dst = appendDsts(nil, p.Dst())
+		for _, pr := range p.SelfPorts() {
+			pe.self = append(pe.self, appendPorts(nil, pr))
+		}
+		pe.tail = appendRuleTail(nil, p.Protos())
+		fe.parts[p] = pe
+	}
+	pe.used = fe.gen
+	return pe
+}
+
+// encodePart returns part p of node nodeID's filter as JSON, exactly as
+// encode writes p.Rules: the shared source list chunks and the part's
+// cached JSON, with only the node's own destinations written per node.
+// own is ownDsts of the node's OwnAddrs.
+func (fe *filterEncoder) encodePart(c *policy.Compiled, nodeID uint64, p policy.FilterPart, own [][]byte) []session.Part {
+	pe := fe.partEncFor(p)
+	if pe.marshal {
+		return fe.encode(p.Rules(c, nodeID))
+	}
+	b := &session.Builder{B: append(make([]byte, 0, 64), '[')}
+	hasDst := len(pe.dst) > 0 || (len(pe.self) > 0 && len(own) > 0)
+	// What follows a source list, sized once: a large list is a chunk,
+	// which leaves the builder to start a new buffer after it.
+	rest := len(pe.tail) + 1
+	if hasDst {
+		rest += len(`,"DstPorts":[]`) + len(pe.dst)
+		for _, ip := range own {
+			for _, ports := range pe.self {
+				rest += 1 + len(ip) + len(ports)
+			}
+		}
+	}
+	first := true
+	for i := range p.NumSrcs() {
+		src := p.Src(i)
+		if len(src) == 0 {
+			continue
+		}
+		if !first {
+			b.B = append(b.B, ',')
+		}
+		first = false
+		b.B = append(b.B, `{"SrcIPs":`...)
+		fe.appendSrcs(b, src)
+		b.B = slices.Grow(b.B, rest)
+		if hasDst {
+			b.B = append(b.B, `,"DstPorts":[`...)
+			b.B = append(b.B, pe.dst...)
+			comma := len(pe.dst) > 0
+			for _, ip := range own {
+				for _, ports := range pe.self {
+					if comma {
+						b.B = append(b.B, ',')
+					}
+					comma = true
+					b.B = append(b.B, ip...)
+					b.B = append(b.B, ports...)
+				}
+			}
+			b.B = append(b.B, ']')
+		}
+		b.B = append(b.B, pe.tail...)
+	}
+	b.B = append(b.B, ']')
+	return b.Parts()
 }
 
 func hasBits(ds []tailcfg.NetPortRange) bool {

@@ -104,6 +104,9 @@ type piece struct {
 	// caps describes an app grant (CapGrant rule) to the node itself.
 	caps    tailcfg.PeerCapMap
 	capSelf bool
+	// nm is the piece's FilterPart name, made once: fan-outs ask for it
+	// per receiving node.
+	nm string
 }
 
 // selector is one distinct alias used by the policy, resolved against the
@@ -824,7 +827,7 @@ func (cp *compiler) electVia(dst *netipx.IPSet, via []string) {
 // as a node like rep receives them. It returns nil when nothing applies.
 func (cp *compiler) newPiece(ri int, srcs []*srcList, m []bool, rep Node) *piece {
 	r := &cp.c.p.rules[ri]
-	pc := &piece{ri: ri, added: cp.adds, srcs: srcs, protos: r.protos, caps: r.caps}
+	pc := &piece{ri: ri, added: cp.adds, srcs: srcs, protos: r.protos, caps: r.caps, nm: pieceName(ri, false)}
 	own := rep.addrPrefixes()
 	routes := nonExit(rep.ApprovedRoutes)
 	for ei, on := range m {
@@ -992,7 +995,7 @@ func selfPorts(r *rule, entries []int) []tailcfg.PortRange {
 func (cp *compiler) newSelfEntry(ri int, ports []tailcfg.PortRange, u uint64, srcUser []int) *selfEntry {
 	r := &cp.c.p.rules[ri]
 	e := &selfEntry{user: u, list: &srcList{ips: cp.userSrc(u, srcUser)}, classes: srcUser}
-	e.pc = &piece{ri: ri, self: true, added: cp.adds, srcs: []*srcList{e.list}, protos: r.protos, caps: r.caps}
+	e.pc = &piece{ri: ri, self: true, added: cp.adds, srcs: []*srcList{e.list}, protos: r.protos, caps: r.caps, nm: pieceName(ri, true)}
 	if r.caps != nil {
 		e.pc.capSelf = true
 	} else {
@@ -1115,49 +1118,8 @@ func (pc *piece) appendRules(out []tailcfg.FilterRule, n *Node) []tailcfg.Filter
 	return out
 }
 
-// FilterChunk is a named part of a node's packet filter: the rules one
-// policy rule gives it (its autogroup:self part is a chunk of its own).
-// Names sort in rule order, and clients concatenate PacketFilters chunks in
-// name order, so the chunks together are exactly Filter.
-type FilterChunk struct {
-	Name  string
-	Rules []tailcfg.FilterRule
-}
-
-// FilterChunks returns the node's filter as named chunks, without empty
-// ones.
-func (c *Compiled) FilterChunks(nodeID uint64) []FilterChunk {
-	return c.filterChunks(nodeID, func(*piece) bool { return true })
-}
-
-// FilterChunksSince returns the chunks AddNodes calls after generation
-// gen (see Gen) added or changed for the node. A client that holds the
-// node's chunks as of gen and replaces them with these holds exactly
-// Filter: a join resends the rules whose sources it changed, not the
-// whole filter.
-func (c *Compiled) FilterChunksSince(nodeID, gen uint64) []FilterChunk {
-	return c.filterChunks(nodeID, func(pc *piece) bool { return pc.changedSince(gen) })
-}
-
-func (c *Compiled) filterChunks(nodeID uint64, keep func(*piece) bool) []FilterChunk {
-	n, i, ok := c.node(nodeID)
-	if !ok {
-		return nil
-	}
-	var out []FilterChunk
-	for _, pc := range c.classes[c.classOf[i]].pieces {
-		if !keep(pc) {
-			continue
-		}
-		if rules := pc.appendRules(nil, n); len(rules) > 0 {
-			out = append(out, FilterChunk{Name: pc.name(), Rules: rules})
-		}
-	}
-	return out
-}
-
 // Gen counts the AddNodes calls applied to the compilation: the
-// generation of its filters, for FilterChunks.
+// generation of its filters, for ClassFilterPartsSince.
 func (c *Compiled) Gen() uint64 { return c.cp.adds }
 
 // changedSince reports whether an AddNodes call after gen created the
@@ -1166,11 +1128,11 @@ func (pc *piece) changedSince(gen uint64) bool {
 	return pc.added > gen || slices.ContainsFunc(pc.srcs, func(l *srcList) bool { return l.dirty > gen })
 }
 
-// name is the piece's FilterChunk name: the rule index, zero-padded so
+// pieceName is a piece's FilterPart name: the rule index, zero-padded so
 // names sort numerically, and "s" for the rule's autogroup:self part.
-func (pc *piece) name() string {
-	n := fmt.Sprintf("%07d", pc.ri)
-	if pc.self {
+func pieceName(ri int, self bool) string {
+	n := fmt.Sprintf("%07d", ri)
+	if self {
 		n += "s"
 	}
 	return n

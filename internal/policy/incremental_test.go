@@ -86,6 +86,9 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 			}
 		}
 		for _, nd := range nodes[:end] {
+			cl := c.ClassOf(nd.ID)
+			checkParts(t, name, c, nd.ID, c.ClassFilterParts(cl), c.FilterChunks(nd.ID))
+			checkParts(t, name+" since", c, nd.ID, c.ClassFilterPartsSince(cl, gen), c.FilterChunksSince(nd.ID, gen))
 			if got, w := jsonOf(t, concatChunks(chunkMap(c.FilterChunks(nd.ID)))), jsonOf(t, c.Filter(nd.ID)); got != w {
 				t.Fatalf("%s: node %d: chunks concatenated in name order\n got %s\nwant %s", name, nd.ID, got, w)
 			}
@@ -115,6 +118,45 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 		n = end
 	}
 	return took
+}
+
+// checkParts checks that a class's filter parts are the node's chunks:
+// same names, and rules that are both what Rules builds and what the
+// part's accessors describe (one rule per non-empty source list, DstPorts
+// Dst then each own address with each SelfPorts range, IPProto Protos).
+func checkParts(t *testing.T, name string, c *policy.Compiled, id uint64, parts []policy.FilterPart, chs []policy.FilterChunk) {
+	t.Helper()
+	if len(parts) != len(chs) {
+		t.Fatalf("%s: node %d: %d filter parts, %d chunks", name, id, len(parts), len(chs))
+	}
+	for i, p := range parts {
+		ch := chs[i]
+		if p.Name() != ch.Name {
+			t.Fatalf("%s: node %d: part %d is %q, chunk %q", name, id, i, p.Name(), ch.Name)
+		}
+		want := jsonOf(t, ch.Rules)
+		if got := jsonOf(t, p.Rules(c, id)); got != want {
+			t.Fatalf("%s: node %d: part %s's Rules\n got %s\nwant %s", name, id, p.Name(), got, want)
+		}
+		if p.HasCaps() {
+			continue
+		}
+		var rules []tailcfg.FilterRule
+		dst := slices.Clone(p.Dst())
+		for _, a := range c.OwnAddrs(id) {
+			for _, pr := range p.SelfPorts() {
+				dst = append(dst, tailcfg.NetPortRange{IP: a, Ports: pr})
+			}
+		}
+		for j := range p.NumSrcs() {
+			if src := p.Src(j); len(src) > 0 {
+				rules = append(rules, tailcfg.FilterRule{SrcIPs: src, DstPorts: dst, IPProto: p.Protos()})
+			}
+		}
+		if got := jsonOf(t, rules); got != want {
+			t.Fatalf("%s: node %d: part %s as its accessors describe it\n got %s\nwant %s", name, id, p.Name(), got, want)
+		}
+	}
 }
 
 func chunkMap(chs []policy.FilterChunk) map[string][]tailcfg.FilterRule {
