@@ -99,8 +99,10 @@ type Engine struct {
 	syncPending map[int]bool
 	lastSync    time.Time
 	syncTimer   *time.Timer
-	// filterEnc encodes filters, caching shared source lists.
+	// filterEnc encodes filters, caching shared source lists; sshEnc SSH
+	// policies, caching their rules.
 	filterEnc *filterEncoder
+	sshEnc    *sshEncoder
 	// profJSON caches user profiles as clients see them, and profChunks
 	// lists of them for full maps, by a hash of the users.
 	profJSON   map[tailcfg.UserID][]byte
@@ -160,7 +162,7 @@ func New(opts Options) *Engine {
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
 		enc: map[*state.Node]*peerEnc{}, classEnc: map[int]*classEnc{}, batchDone: make(chan struct{}),
-		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, building: map[int]chan struct{}{}, syncPending: map[int]bool{}, filterEnc: newFilterEncoder(), profJSON: map[tailcfg.UserID][]byte{}, profChunks: map[uint64]*profChunk{}, filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
+		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, building: map[int]chan struct{}{}, syncPending: map[int]bool{}, filterEnc: newFilterEncoder(), sshEnc: newSSHEncoder(), profJSON: map[tailcfg.UserID][]byte{}, profChunks: map[uint64]*profChunk{}, filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -603,6 +605,7 @@ func (e *Engine) recompileLocked() {
 	clear(e.classEnc)
 	clear(e.classPeers)
 	e.filterEnc = newFilterEncoder()
+	e.sshEnc = newSSHEncoder()
 }
 
 // addNodesLocked adds joined nodes to the compilation without recompiling
@@ -631,8 +634,10 @@ func (e *Engine) addNodesLocked(ids []uint64) (map[int]bool, bool) {
 	}
 	// Peer lists of classes that see a joined node grew.
 	clear(e.classPeers)
-	// Source lists changed: the replaced ones' encodings would only leak.
+	// Source lists and SSH rules changed: the replaced ones' encodings
+	// would only leak.
 	e.filterEnc.sweep()
+	e.sshEnc.sweep()
 	return dirty, true
 }
 
@@ -691,11 +696,7 @@ func (e *Engine) classEncLocked(nodeID uint64) *classEnc {
 	ce := e.classEnc[cl]
 	if ce == nil {
 		ce = &classEnc{shared: e.compiled.FilterShared(nodeID)}
-		ssh := e.compiled.SSHPolicy(nodeID)
-		if ssh == nil {
-			ssh = &tailcfg.SSHPolicy{}
-		}
-		ce.ssh, _ = json.Marshal(ssh)
+		ce.ssh = e.sshEnc.encode(e.compiled.SSHPolicy(nodeID))
 		e.classEnc[cl] = ce
 	}
 	return ce
