@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -19,11 +21,12 @@ import (
 	"github.com/tailplane/tailplane/internal/admin"
 	"github.com/tailplane/tailplane/internal/bench"
 	"github.com/tailplane/tailplane/internal/policy"
+	"github.com/tailplane/tailplane/internal/server"
 )
 
 func newBenchCmd(g *globals) *cobra.Command {
 	var o bench.Options
-	var tags, user, tailnet string
+	var tags, user, tailnet, debugListen string
 	var expected int
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -55,6 +58,11 @@ See docs/benchmarks.md for the figures measured and how to reproduce them.`,
   tailplane bench --server http://127.0.0.1:8080 --data-dir ./tailplane-data --tailnet /tmp/tn --observers 10`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if debugListen != "" {
+				if err := serveBenchDebug(debugListen); err != nil {
+					return err
+				}
+			}
 			if tailnet != "" {
 				return runTailnetBench(cmd, g, o, tailnet)
 			}
@@ -99,8 +107,21 @@ See docs/benchmarks.md for the figures measured and how to reproduce them.`,
 	f.DurationVar(&o.Timeout, "timeout", 10*time.Minute, "bound on the whole run")
 	f.IntVar(&o.ServerPID, "server-pid", 0, "server process id on this machine, to report its CPU seconds and peak RSS")
 	f.StringVar(&tailnet, "tailnet", "", "directory written by 'tailplane bench policy': users, policy and one node per client (needs --data-dir)")
+	f.StringVar(&debugListen, "debug-listen", "", "serve the tool's own pprof at http://ADDR/debug/pprof/, to see what the load costs on the client side")
 	cmd.AddCommand(newBenchPolicyCmd())
 	return cmd
+}
+
+// serveBenchDebug listens before the run starts, so that a taken address
+// is an error rather than a profile silently missing.
+func serveBenchDebug(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--debug-listen: %w", err)
+	}
+	s := &http.Server{Handler: server.DebugHandler(), ReadHeaderTimeout: 10 * time.Second}
+	go s.Serve(ln)
+	return nil
 }
 
 // createBenchKeys makes n unique one-off keys through the admin socket,

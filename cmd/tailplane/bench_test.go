@@ -180,3 +180,33 @@ func TestBenchTailnetAgainstTailplane(t *testing.T) {
 		}
 	}
 }
+
+// TestBenchDebugListen: the tool serves its own pprof, and a taken
+// address is an error before any load starts.
+func TestBenchDebugListen(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	if err := serveBenchDebug(taken.Addr().String()); err == nil || !strings.Contains(err.Error(), "--debug-listen") {
+		t.Fatalf("a taken address: %v, want a --debug-listen error", err)
+	}
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := free.Addr().String()
+	free.Close()
+	if err := serveBenchDebug(addr); err != nil {
+		t.Fatal(err)
+	}
+	res, err := http.Get("http://" + addr + "/debug/pprof/cmdline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("pprof: %s", res.Status)
+	}
+}

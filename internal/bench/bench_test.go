@@ -1,6 +1,8 @@
 package bench
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -423,5 +425,53 @@ func TestRefusedDialFailsAtOnce(t *testing.T) {
 	}
 	if got := classify("connect", err); got != "connect_refused" {
 		t.Fatalf("classified %q", got)
+	}
+}
+
+// countingConn serves data in reads as large as asked, counting them.
+type countingConn struct {
+	net.Conn
+	data  []byte
+	reads int
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	if len(c.data) == 0 {
+		return 0, io.EOF
+	}
+	c.reads++
+	n := copy(p, c.data)
+	c.data = c.data[n:]
+	return n, nil
+}
+
+// TestBufferedConnBatchesReads: reading 100 Noise-sized records as
+// controlbase does (a 3-byte header, then the body) takes a read of the
+// connection per buffer, not two per record, and returns the same bytes.
+func TestBufferedConnBatchesReads(t *testing.T) {
+	var data []byte
+	for i := range 100 {
+		data = append(data, 0x04, 0, 100)
+		data = append(data, bytes.Repeat([]byte{byte(i)}, 100)...)
+	}
+	cc := &countingConn{data: slices.Clone(data)}
+	bc := &bufferedConn{Conn: cc, r: bufio.NewReaderSize(cc, readBufferSize)}
+	var got []byte
+	for range 100 {
+		hdr := make([]byte, 3)
+		if _, err := io.ReadFull(bc, hdr); err != nil {
+			t.Fatal(err)
+		}
+		body := make([]byte, int(hdr[1])<<8|int(hdr[2]))
+		if _, err := io.ReadFull(bc, body); err != nil {
+			t.Fatal(err)
+		}
+		got = append(append(got, hdr...), body...)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("bytes read differ from the bytes sent")
+	}
+	if want := len(data)/readBufferSize + 1; cc.reads > want {
+		t.Fatalf("%d reads of the connection for %d bytes, want at most %d", cc.reads, len(data), want)
 	}
 }

@@ -196,13 +196,7 @@ func Run(parent context.Context, cfg config.Config) error {
 		go func() { errc <- serveAux(cfg.MetricsListen, mux) }()
 	}
 	if cfg.DebugListen != "" {
-		mux := http.NewServeMux()
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		go func() { errc <- serveAux(cfg.DebugListen, mux) }()
+		go func() { errc <- serveAux(cfg.DebugListen, DebugHandler()) }()
 	}
 	if cfg.Policy.Mode == "file" {
 		go watchPolicyFile(ctx, st, cfg.Policy.File, log)
@@ -230,6 +224,18 @@ func Run(parent context.Context, cfg config.Config) error {
 	// clients learn to reconnect.
 	srv.Close()
 	return nil
+}
+
+// DebugHandler serves pprof at /debug/pprof/. The server and the load
+// tool both offer it on a listener of its own, never on the control port.
+func DebugHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
 }
 
 func serveAux(addr string, h http.Handler) error {
