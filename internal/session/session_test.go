@@ -336,3 +336,50 @@ func queueDepthSum(t *testing.T) float64 {
 	}
 	return m.GetHistogram().GetSampleSum()
 }
+
+// countWriter records each Write.
+type countWriter struct {
+	bytes.Buffer
+	writes int
+}
+
+func (w *countWriter) Write(p []byte) (int, error) {
+	w.writes++
+	return w.Buffer.Write(p)
+}
+
+func (w *countWriter) Flush() error { return nil }
+
+// TestWritePartsCoalesces: a message of hundreds of ~4 KiB frames (a full
+// map's chunks) reaches the writer in a few large writes, a frame larger
+// than a write on its own, and the bytes are the length-prefixed message.
+func TestWritePartsCoalesces(t *testing.T) {
+	var parts []Part
+	for i := range 300 {
+		j := bytes.Repeat([]byte{'a' + byte(i%26)}, 4000+i)
+		if i%2 == 0 {
+			parts = append(parts, Part{Chunk: NewChunk(j)})
+		} else {
+			parts = append(parts, Part{Raw: j})
+		}
+	}
+	parts = append(parts, Part{Raw: bytes.Repeat([]byte{'z'}, 3*writeSize)})
+	for _, compress := range []bool{false, true} {
+		var w countWriter
+		n, err := writeParts(&w, parts, compress)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := JoinParts(parts, compress)
+		want := binary.LittleEndian.AppendUint32(nil, uint32(len(msg)))
+		want = append(want, msg...)
+		if n != len(want) || !bytes.Equal(w.Bytes(), want) {
+			t.Fatalf("compress=%v: wrote %d bytes (returned %d), want the %d-byte message", compress, w.Len(), n, len(want))
+		}
+		// A write is cut only when the next frame does not fit, so two
+		// writes in a row carry more than writeSize.
+		if most := 2*len(want)/writeSize + 3; w.writes > most {
+			t.Fatalf("compress=%v: %d writes for %d bytes, want at most %d", compress, w.writes, len(want), most)
+		}
+	}
+}
