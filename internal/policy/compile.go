@@ -37,6 +37,8 @@ type Compiled struct {
 	cp *compiler
 	// principals caches each node's SSH principals.
 	principals [][]*tailcfg.SSHPrincipal
+	// lists shares ClassPeers lists among classes; AddNodes replaces it.
+	lists *peerLists
 }
 
 // class is an identity class: nodes the policy cannot tell apart.
@@ -197,6 +199,7 @@ func (p *Policy) Compile(users []User, nodes []Node) (*Compiled, error) {
 		users:      make(map[uint64]User, len(users)),
 		primary:    map[netip.Prefix]int{},
 		viaPrimary: map[string]int{},
+		lists:      newPeerLists(),
 	}
 	for _, u := range users {
 		c.users[u.ID] = u
@@ -1141,7 +1144,14 @@ func pieceName(ri int, self bool) string {
 // Peers returns the peers the node sees, sorted by node ID: its class's
 // peers without the node itself.
 func (c *Compiled) Peers(nodeID uint64) []Peer {
-	return slices.DeleteFunc(c.ClassPeers(nodeID), func(p Peer) bool { return p.ID == nodeID })
+	l := c.ClassPeers(nodeID)
+	out := make([]Peer, 0, len(l))
+	for _, p := range l {
+		if p.ID != nodeID {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // peerView is node pi as nodes of class viewer see it.

@@ -30,6 +30,8 @@ func (c *Compiled) AddNodes(nodes []Node) (changed []int, ok bool) {
 		return nil, false
 	}
 	cp.adds++
+	// Visible sets and peer views change: lists built before are stale.
+	c.lists = newPeerLists()
 	a := &adder{cp: cp, changed: newBitset(0)}
 	first := len(c.nodes)
 	for _, n := range nodes {

@@ -74,7 +74,8 @@ const denseIDs = 16
 // sees it, sorted by node ID; unlike Peers it includes nodeID itself when
 // the class sees its own members. All members of a class get the same
 // list, so callers can share what they build from it and drop each
-// member's own entry.
+// member's own entry. Classes that see the same peers the same way share
+// one list too: read it, never modify it.
 func (c *Compiled) ClassPeers(nodeID uint64) []Peer {
 	_, i, ok := c.node(nodeID)
 	if !ok {
@@ -83,13 +84,34 @@ func (c *Compiled) ClassPeers(nodeID uint64) []Peer {
 	cl := c.classes[c.classOf[i]]
 	n := 0
 	lo, hi := uint64(math.MaxUint64), uint64(0)
+	var routed []int
 	cl.visible.each(func(pci int) {
 		for _, pi := range c.classes[pci].members {
 			id := c.nodes[pi].ID
 			lo, hi = min(lo, id), max(hi, id)
 			n++
+			if len(c.nodes[pi].ApprovedRoutes) > 0 {
+				routed = append(routed, pi)
+			}
 		}
 	})
+	slices.SortFunc(routed, func(a, b int) int { return cmp.Compare(c.nodes[a].ID, c.nodes[b].ID) })
+	views := make([]Peer, len(routed))
+	for j, pi := range routed {
+		views[j] = c.peerView(cl, pi)
+	}
+	no4 := cl.hasCap(capDisableIPv4)
+	k := c.lists.key(cl.visible, no4, views)
+	if l := c.lists.get(k, cl.visible, no4, views); l != nil {
+		return l
+	}
+	out := c.buildClassPeers(cl, n, lo, hi)
+	c.lists.put(k, cl.visible, no4, views, out)
+	return out
+}
+
+// buildClassPeers makes class cl's list of n peers with IDs in [lo, hi].
+func (c *Compiled) buildClassPeers(cl *class, n int, lo, hi uint64) []Peer {
 	out := make([]Peer, 0, n)
 	if n > 0 && hi-lo < uint64(denseIDs*n) {
 		// Node IDs are dense (the store hands them out in order): each

@@ -68,3 +68,44 @@ func classPeersMatchPeerView(t *testing.T, mapID func(uint64) uint64) {
 		}
 	}
 }
+
+// TestClassPeersShared: classes that see the same peers the same way get
+// one list, and taking a node's Peers does not change it for the others.
+func TestClassPeersShared(t *testing.T) {
+	o := policygen.Options{Seed: 5, Nodes: 300, Users: 40, Tags: 6, Groups: 6, Hosts: 4,
+		Rules: 40, SelfRules: 0, SSHRules: 0, Tagged: 0.5, Routers: 0}
+	src, users, nodes := policygen.Generate(o)
+	pol, err := policy.Parse(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := pol.Compile(users, nodes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lists := map[int][]policy.Peer{}
+	arrays := map[*policy.Peer]bool{}
+	for _, n := range nodes {
+		l := c.ClassPeers(n.ID)
+		lists[c.ClassOf(n.ID)] = l
+		if len(l) > 0 {
+			arrays[&l[0]] = true
+		}
+	}
+	if len(arrays) >= len(lists) {
+		t.Fatalf("%d classes, %d distinct peer lists: none shared", len(lists), len(arrays))
+	}
+	want := map[int]string{}
+	for cl, l := range lists {
+		want[cl] = jsonOf(t, l)
+	}
+	for _, n := range nodes {
+		c.Peers(n.ID)
+	}
+	for cl, l := range lists {
+		if jsonOf(t, l) != want[cl] {
+			t.Fatalf("class %d: its shared list changed when nodes' Peers were taken", cl)
+		}
+	}
+	t.Logf("%d classes, %d distinct lists", len(lists), len(arrays))
+}
