@@ -41,7 +41,7 @@ type srcKey struct {
 type srcEnc struct {
 	json  []byte
 	chunk *session.Chunk // for a list of at least sharedSrcSize bytes
-	used  uint64
+	lastUse
 }
 
 // sharedSrcSize is the smallest encoded source list sent as a shared
@@ -60,7 +60,7 @@ type partEnc struct {
 	tail []byte
 	// marshal: rules encoding/json must write (app grants, Bits).
 	marshal bool
-	used    uint64
+	lastUse
 }
 
 func newFilterEncoder() *filterEncoder {
@@ -72,14 +72,20 @@ func newFilterEncoder() *filterEncoder {
 // it kept are, and stay encoded.
 func (fe *filterEncoder) sweep() {
 	fe.gen++
-	for k, se := range fe.srcs {
-		if se.used+1 < fe.gen {
-			delete(fe.srcs, k)
-		}
-	}
-	for k, pe := range fe.parts {
-		if pe.used+1 < fe.gen {
-			delete(fe.parts, k)
+	sweepUnused(fe.srcs, fe.gen)
+	sweepUnused(fe.parts, fe.gen)
+}
+
+// lastUse is the sweep generation a cached encoding was last used in.
+type lastUse struct{ used uint64 }
+
+func (l *lastUse) lastUsed() uint64 { return l.used }
+
+// sweepUnused drops the entries of m not used since the sweep before gen.
+func sweepUnused[K comparable, V interface{ lastUsed() uint64 }](m map[K]V, gen uint64) {
+	for k, v := range m {
+		if v.lastUsed()+1 < gen {
+			delete(m, k)
 		}
 	}
 }

@@ -20,7 +20,7 @@ type sshEncoder struct {
 
 type sshRuleEnc struct {
 	json []byte
-	used uint64
+	lastUse
 }
 
 func newSSHEncoder() *sshEncoder { return &sshEncoder{rules: map[*tailcfg.SSHRule]*sshRuleEnc{}} }
@@ -29,11 +29,7 @@ func newSSHEncoder() *sshEncoder { return &sshEncoder{rules: map[*tailcfg.SSHRul
 // replaced are no longer asked for.
 func (se *sshEncoder) sweep() {
 	se.gen++
-	for r, re := range se.rules {
-		if re.used+1 < se.gen {
-			delete(se.rules, r)
-		}
-	}
+	sweepUnused(se.rules, se.gen)
 }
 
 // encode returns the policy as encoding/json writes it (nil as an empty

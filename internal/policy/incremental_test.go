@@ -236,11 +236,7 @@ func TestAddNodesGenerated(t *testing.T) {
 	for seed := range uint64(2) {
 		o := policygen.Options{Seed: seed + 1, Nodes: 200, Users: 40, Tags: 20, Groups: 10, Hosts: 10,
 			Rules: 200, SelfRules: 6, SSHRules: 6, Tagged: 0.4, Routers: 5}
-		src, users, nodes := policygen.Generate(o)
-		pol, err := policy.Parse(src)
-		if err != nil {
-			t.Fatal(err)
-		}
+		pol, users, nodes := generated(t, o)
 		r := rand.New(rand.NewPCG(seed, 7))
 		var sizes []int
 		for range 30 {

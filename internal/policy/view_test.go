@@ -29,14 +29,21 @@ func TestClassPeersMatchPeerView(t *testing.T) {
 	}
 }
 
-func classPeersMatchPeerView(t *testing.T, mapID func(uint64) uint64) {
-	o := policygen.Options{Seed: 3, Nodes: 150, Users: 30, Tags: 15, Groups: 8, Hosts: 8,
-		Rules: 150, SelfRules: 4, SSHRules: 4, Tagged: 0.4, Routers: 4}
+// generated parses the policy policygen writes for o, with its tailnet.
+func generated(t *testing.T, o policygen.Options) (*policy.Policy, []policy.User, []policy.Node) {
+	t.Helper()
 	src, users, nodes := policygen.Generate(o)
 	pol, err := policy.Parse(src)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return pol, users, nodes
+}
+
+func classPeersMatchPeerView(t *testing.T, mapID func(uint64) uint64) {
+	o := policygen.Options{Seed: 3, Nodes: 150, Users: 30, Tags: 15, Groups: 8, Hosts: 8,
+		Rules: 150, SelfRules: 4, SSHRules: 4, Tagged: 0.4, Routers: 4}
+	pol, users, nodes := generated(t, o)
 	for i := range nodes {
 		nodes[i].ID = mapID(nodes[i].ID)
 	}
@@ -74,11 +81,7 @@ func classPeersMatchPeerView(t *testing.T, mapID func(uint64) uint64) {
 func TestClassPeersShared(t *testing.T) {
 	o := policygen.Options{Seed: 5, Nodes: 300, Users: 40, Tags: 6, Groups: 6, Hosts: 4,
 		Rules: 40, SelfRules: 0, SSHRules: 0, Tagged: 0.5, Routers: 0}
-	src, users, nodes := policygen.Generate(o)
-	pol, err := policy.Parse(src)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pol, users, nodes := generated(t, o)
 	c, err := pol.Compile(users, nodes)
 	if err != nil {
 		t.Fatal(err)
