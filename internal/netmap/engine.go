@@ -717,7 +717,7 @@ func (e *Engine) filterLocked(nodeID uint64) *filterEnc {
 		enc := e.filterEnc.encodePart(e.compiled, nodeID, p, own)
 		f.chunks[p.Name()] = enc
 		obj.B = append(obj.B, ',')
-		obj.B = appendJSONString(obj.B, p.Name())
+		obj.B = session.AppendString(obj.B, p.Name())
 		obj.B = append(obj.B, ':')
 		obj.Append(enc)
 	}

@@ -28,7 +28,7 @@ type filterEncoder struct {
 	srcs map[srcKey]*srcEnc
 	// parts caches what every node's rendering of a filter part shares:
 	// its fixed destinations and protocols, written once per piece.
-	parts map[policy.FilterPart]*partEnc
+	parts map[policy.FilterShape]*partEnc
 	// gen counts sweeps; an entry not used since the previous sweep goes.
 	gen uint64
 }
@@ -64,7 +64,7 @@ type partEnc struct {
 }
 
 func newFilterEncoder() *filterEncoder {
-	return &filterEncoder{srcs: map[srcKey]*srcEnc{}, parts: map[policy.FilterPart]*partEnc{}}
+	return &filterEncoder{srcs: map[srcKey]*srcEnc{}, parts: map[policy.FilterShape]*partEnc{}}
 }
 
 // sweep drops the lists not used since the previous sweep. Lists the
@@ -90,27 +90,6 @@ func sweepUnused[K comparable, V interface{ lastUsed() uint64 }](m map[K]V, gen 
 	}
 }
 
-// plainJSON reports whether s needs no escaping in a JSON string.
-func plainJSON(s string) bool {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
-			return false
-		}
-	}
-	return true
-}
-
-func appendJSONString(b []byte, s string) []byte {
-	if plainJSON(s) {
-		b = append(b, '"')
-		b = append(b, s...)
-		return append(b, '"')
-	}
-	q, _ := json.Marshal(s)
-	return append(b, q...)
-}
-
 func (fe *filterEncoder) appendSrcs(p *session.Builder, srcs []string) {
 	if len(srcs) == 0 {
 		p.B = append(p.B, "null"...)
@@ -124,7 +103,7 @@ func (fe *filterEncoder) appendSrcs(p *session.Builder, srcs []string) {
 			if i > 0 {
 				enc = append(enc, ',')
 			}
-			enc = appendJSONString(enc, s)
+			enc = session.AppendString(enc, s)
 		}
 		enc = append(enc, ']')
 		se = &srcEnc{json: enc}
@@ -179,7 +158,7 @@ func appendDsts(b []byte, ds []tailcfg.NetPortRange) []byte {
 			b = append(b, ',')
 		}
 		b = append(b, `{"IP":`...)
-		b = appendJSONString(b, d.IP)
+		b = session.AppendString(b, d.IP)
 		b = appendPorts(b, d.Ports)
 	}
 	return b
@@ -214,14 +193,14 @@ func appendRuleTail(b []byte, protos []int) []byte {
 func ownDsts(addrs []string) [][]byte {
 	out := make([][]byte, len(addrs))
 	for i, a := range addrs {
-		out[i] = appendJSONString([]byte(`{"IP":`), a)
+		out[i] = session.AppendString([]byte(`{"IP":`), a)
 	}
 	return out
 }
 
 // partEncFor returns the shared JSON of part p, building it on first use.
 func (fe *filterEncoder) partEncFor(p policy.FilterPart) *partEnc {
-	pe := fe.parts[p]
+	pe := fe.parts[p.Shape()]
 	if pe == nil {
 		pe = &partEnc{marshal: p.HasCaps() || hasBits(p.Dst())}
 		pe.dst = appendDsts(nil, p.Dst())
@@ -229,24 +208,23 @@ func (fe *filterEncoder) partEncFor(p policy.FilterPart) *partEnc {
 			pe.self = append(pe.self, appendPorts(nil, pr))
 		}
 		pe.tail = appendRuleTail(nil, p.Protos())
-		fe.parts[p] = pe
+		fe.parts[p.Shape()] = pe
 	}
 	pe.used = fe.gen
 	return pe
 }
 
 // encodePart returns part p of node nodeID's filter as JSON, exactly as
-// encode writes p.Rules: the shared source list chunks and the part's
-// cached JSON, with only the node's own destinations written per node.
-// own is ownDsts of the node's OwnAddrs.
+// encode writes p.Rules: the shared source list (a chunk when large) and
+// the part's cached JSON, with only the node's own destinations written
+// per node. own is ownDsts of the node's OwnAddrs.
 func (fe *filterEncoder) encodePart(c *policy.Compiled, nodeID uint64, p policy.FilterPart, own [][]byte) []session.Part {
 	pe := fe.partEncFor(p)
 	if pe.marshal {
 		return fe.encode(p.Rules(c, nodeID))
 	}
-	b := &session.Builder{B: append(make([]byte, 0, 64), '[')}
 	hasDst := len(pe.dst) > 0 || (len(pe.self) > 0 && len(own) > 0)
-	// What follows a source list, sized once: a large list is a chunk,
+	// What follows the source list, sized once: a large list is a chunk,
 	// which leaves the builder to start a new buffer after it.
 	rest := len(pe.tail) + 1
 	if hasDst {
@@ -257,37 +235,26 @@ func (fe *filterEncoder) encodePart(c *policy.Compiled, nodeID uint64, p policy.
 			}
 		}
 	}
-	first := true
-	for i := range p.NumSrcs() {
-		src := p.Src(i)
-		if len(src) == 0 {
-			continue
-		}
-		if !first {
-			b.B = append(b.B, ',')
-		}
-		first = false
-		b.B = append(b.B, `{"SrcIPs":`...)
-		fe.appendSrcs(b, src)
-		b.B = slices.Grow(b.B, rest)
-		if hasDst {
-			b.B = append(b.B, `,"DstPorts":[`...)
-			b.B = append(b.B, pe.dst...)
-			comma := len(pe.dst) > 0
-			for _, ip := range own {
-				for _, ports := range pe.self {
-					if comma {
-						b.B = append(b.B, ',')
-					}
-					comma = true
-					b.B = append(b.B, ip...)
-					b.B = append(b.B, ports...)
+	b := &session.Builder{B: append(make([]byte, 0, 64), `[{"SrcIPs":`...)}
+	fe.appendSrcs(b, p.Src())
+	b.B = slices.Grow(b.B, rest)
+	if hasDst {
+		b.B = append(b.B, `,"DstPorts":[`...)
+		b.B = append(b.B, pe.dst...)
+		comma := len(pe.dst) > 0
+		for _, ip := range own {
+			for _, ports := range pe.self {
+				if comma {
+					b.B = append(b.B, ',')
 				}
+				comma = true
+				b.B = append(b.B, ip...)
+				b.B = append(b.B, ports...)
 			}
-			b.B = append(b.B, ']')
 		}
-		b.B = append(b.B, pe.tail...)
+		b.B = append(b.B, ']')
 	}
+	b.B = append(b.B, pe.tail...)
 	b.B = append(b.B, ']')
 	return b.Parts()
 }

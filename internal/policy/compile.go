@@ -106,9 +106,9 @@ type piece struct {
 	// caps describes an app grant (CapGrant rule) to the node itself.
 	caps    tailcfg.PeerCapMap
 	capSelf bool
-	// nm is the piece's FilterPart name, made once: fan-outs ask for it
-	// per receiving node.
-	nm string
+	// names are the FilterPart names of the piece's rules, one per source
+	// list, made once: fan-outs ask for them per receiving node.
+	names []string
 }
 
 // selector is one distinct alias used by the policy, resolved against the
@@ -830,7 +830,7 @@ func (cp *compiler) electVia(dst *netipx.IPSet, via []string) {
 // as a node like rep receives them. It returns nil when nothing applies.
 func (cp *compiler) newPiece(ri int, srcs []*srcList, m []bool, rep Node) *piece {
 	r := &cp.c.p.rules[ri]
-	pc := &piece{ri: ri, added: cp.adds, srcs: srcs, protos: r.protos, caps: r.caps, nm: pieceName(ri, false)}
+	pc := &piece{ri: ri, added: cp.adds, srcs: srcs, protos: r.protos, caps: r.caps, names: pieceNames(ri, false, len(srcs))}
 	own := rep.addrPrefixes()
 	routes := nonExit(rep.ApprovedRoutes)
 	for ei, on := range m {
@@ -998,7 +998,7 @@ func selfPorts(r *rule, entries []int) []tailcfg.PortRange {
 func (cp *compiler) newSelfEntry(ri int, ports []tailcfg.PortRange, u uint64, srcUser []int) *selfEntry {
 	r := &cp.c.p.rules[ri]
 	e := &selfEntry{user: u, list: &srcList{ips: cp.userSrc(u, srcUser)}, classes: srcUser}
-	e.pc = &piece{ri: ri, self: true, added: cp.adds, srcs: []*srcList{e.list}, protos: r.protos, caps: r.caps, nm: pieceName(ri, true)}
+	e.pc = &piece{ri: ri, self: true, added: cp.adds, srcs: []*srcList{e.list}, protos: r.protos, caps: r.caps, names: pieceNames(ri, true, 1)}
 	if r.caps != nil {
 		e.pc.capSelf = true
 	} else {
@@ -1094,23 +1094,7 @@ func (c *Compiled) Filter(nodeID uint64) []tailcfg.FilterRule {
 // appendRules appends the piece's rules as node n receives them: one per
 // non-empty source list.
 func (pc *piece) appendRules(out []tailcfg.FilterRule, n *Node) []tailcfg.FilterRule {
-	var fr tailcfg.FilterRule
-	fr.IPProto = pc.protos
-	if pc.caps != nil {
-		fr.CapGrant = []tailcfg.CapGrant{{Dsts: n.addrPrefixes(), CapMap: pc.caps}}
-	} else {
-		fr.DstPorts = pc.dst
-		if len(pc.selfPorts) > 0 {
-			dp := make([]tailcfg.NetPortRange, 0, len(pc.dst)+2*len(pc.selfPorts))
-			dp = append(dp, pc.dst...)
-			for _, a := range n.addrStrings() {
-				for _, pr := range pc.selfPorts {
-					dp = append(dp, tailcfg.NetPortRange{IP: a, Ports: pr})
-				}
-			}
-			fr.DstPorts = dp
-		}
-	}
+	fr := pc.rule(n)
 	for _, src := range pc.srcs {
 		if len(src.ips) == 0 {
 			continue
@@ -1121,24 +1105,51 @@ func (pc *piece) appendRules(out []tailcfg.FilterRule, n *Node) []tailcfg.Filter
 	return out
 }
 
+// rule returns the piece's rule as node n receives it, without SrcIPs.
+func (pc *piece) rule(n *Node) tailcfg.FilterRule {
+	var fr tailcfg.FilterRule
+	fr.IPProto = pc.protos
+	if pc.caps != nil {
+		fr.CapGrant = []tailcfg.CapGrant{{Dsts: n.addrPrefixes(), CapMap: pc.caps}}
+		return fr
+	}
+	fr.DstPorts = pc.dst
+	if len(pc.selfPorts) > 0 {
+		dp := make([]tailcfg.NetPortRange, 0, len(pc.dst)+2*len(pc.selfPorts))
+		dp = append(dp, pc.dst...)
+		for _, a := range n.addrStrings() {
+			for _, pr := range pc.selfPorts {
+				dp = append(dp, tailcfg.NetPortRange{IP: a, Ports: pr})
+			}
+		}
+		fr.DstPorts = dp
+	}
+	return fr
+}
+
 // Gen counts the AddNodes calls applied to the compilation: the
 // generation of its filters, for ClassFilterPartsSince.
 func (c *Compiled) Gen() uint64 { return c.cp.adds }
 
-// changedSince reports whether an AddNodes call after gen created the
-// piece or changed one of its source lists.
-func (pc *piece) changedSince(gen uint64) bool {
-	return pc.added > gen || slices.ContainsFunc(pc.srcs, func(l *srcList) bool { return l.dirty > gen })
-}
-
-// pieceName is a piece's FilterPart name: the rule index, zero-padded so
-// names sort numerically, and "s" for the rule's autogroup:self part.
-func pieceName(ri int, self bool) string {
-	n := fmt.Sprintf("%07d", ri)
+// pieceNames are the FilterPart names of a piece's n rules: the rule
+// index, zero-padded so names sort numerically, "s" for the rule's
+// autogroup:self part, and, when the piece has several source lists, a
+// dot and the list's index, padded to one width (names sort in list
+// order; "." sorts before "s", so a rule's parts stay in order).
+func pieceNames(ri int, self bool, n int) []string {
+	nm := fmt.Sprintf("%07d", ri)
 	if self {
-		n += "s"
+		nm += "s"
 	}
-	return n
+	if n == 1 {
+		return []string{nm}
+	}
+	width := len(strconv.Itoa(n - 1))
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("%s.%0*d", nm, width, i)
+	}
+	return names
 }
 
 // Peers returns the peers the node sees, sorted by node ID: its class's

@@ -12,7 +12,7 @@ type FilterChunk struct {
 // FilterChunks returns the node's filter as named chunks, without empty
 // ones.
 func (c *Compiled) FilterChunks(nodeID uint64) []FilterChunk {
-	return c.filterChunks(nodeID, func(*piece) bool { return true })
+	return c.filterChunks(nodeID, func(*piece, *srcList) bool { return true })
 }
 
 // FilterChunksSince returns the chunks AddNodes calls after generation
@@ -21,21 +21,27 @@ func (c *Compiled) FilterChunks(nodeID uint64) []FilterChunk {
 // Filter: a join resends the rules whose sources it changed, not the
 // whole filter.
 func (c *Compiled) FilterChunksSince(nodeID, gen uint64) []FilterChunk {
-	return c.filterChunks(nodeID, func(pc *piece) bool { return pc.changedSince(gen) })
+	return c.filterChunks(nodeID, func(pc *piece, l *srcList) bool { return pc.added > gen || l.dirty > gen })
 }
 
-func (c *Compiled) filterChunks(nodeID uint64, keep func(*piece) bool) []FilterChunk {
+// filterChunks pairs each rule appendRules builds with its source list's
+// name: one chunk per rule.
+func (c *Compiled) filterChunks(nodeID uint64, keep func(*piece, *srcList) bool) []FilterChunk {
 	n, i, ok := c.node(nodeID)
 	if !ok {
 		return nil
 	}
 	var out []FilterChunk
 	for _, pc := range c.classes[c.classOf[i]].pieces {
-		if !keep(pc) {
-			continue
-		}
-		if rules := pc.appendRules(nil, n); len(rules) > 0 {
-			out = append(out, FilterChunk{Name: pc.nm, Rules: rules})
+		rules := pc.appendRules(nil, n)
+		for si, l := range pc.srcs {
+			if len(l.ips) == 0 {
+				continue
+			}
+			if keep(pc, l) {
+				out = append(out, FilterChunk{Name: pc.names[si], Rules: rules[:1:1]})
+			}
+			rules = rules[1:]
 		}
 	}
 	return out

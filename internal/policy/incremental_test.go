@@ -6,6 +6,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 
 	"tailscale.com/tailcfg"
@@ -122,8 +123,8 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 
 // checkParts checks that a class's filter parts are the node's chunks:
 // same names, and rules that are both what Rules builds and what the
-// part's accessors describe (one rule per non-empty source list, DstPorts
-// Dst then each own address with each SelfPorts range, IPProto Protos).
+// part's accessors describe (SrcIPs Src, DstPorts Dst then each own
+// address with each SelfPorts range, IPProto Protos).
 func checkParts(t *testing.T, name string, c *policy.Compiled, id uint64, parts []policy.FilterPart, chs []policy.FilterChunk) {
 	t.Helper()
 	if len(parts) != len(chs) {
@@ -141,18 +142,13 @@ func checkParts(t *testing.T, name string, c *policy.Compiled, id uint64, parts 
 		if p.HasCaps() {
 			continue
 		}
-		var rules []tailcfg.FilterRule
 		dst := slices.Clone(p.Dst())
 		for _, a := range c.OwnAddrs(id) {
 			for _, pr := range p.SelfPorts() {
 				dst = append(dst, tailcfg.NetPortRange{IP: a, Ports: pr})
 			}
 		}
-		for j := range p.NumSrcs() {
-			if src := p.Src(j); len(src) > 0 {
-				rules = append(rules, tailcfg.FilterRule{SrcIPs: src, DstPorts: dst, IPProto: p.Protos()})
-			}
-		}
+		rules := []tailcfg.FilterRule{{SrcIPs: p.Src(), DstPorts: dst, IPProto: p.Protos()}}
 		if got := jsonOf(t, rules); got != want {
 			t.Fatalf("%s: node %d: part %s as its accessors describe it\n got %s\nwant %s", name, id, p.Name(), got, want)
 		}
@@ -301,4 +297,52 @@ func TestAddNodesReportsSelfList(t *testing.T) {
 	if ci := c.ClassOf(testNodes[0].ID); !slices.Contains(changed, ci) {
 		t.Errorf("changed classes %v, want laptop's class %d", changed, ci)
 	}
+}
+
+// TestFilterPartsPerSourceList checks that each source list of a rule is
+// a part of its own, named so that name order is rule order (also past
+// ten lists), and that a join resends only the list it changed.
+func TestFilterPartsPerSourceList(t *testing.T) {
+	var srcs []string
+	for i := 1; i <= 11; i++ {
+		srcs = append(srcs, fmt.Sprintf("%q", fmt.Sprintf("10.0.0.%d", i)))
+	}
+	srcs = append(srcs, `"tag:db"`)
+	pol, err := policy.Parse([]byte(`{"tagOwners": {"tag:db": ["odin@example.com"]},
+		"acls": [{"action": "accept", "src": [` + strings.Join(srcs, ",") + `], "dst": ["autogroup:member:22"]}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// laptop and db; then db2 joins db's class.
+	c, err := pol.Compile(testUsers, []policy.Node{testNodes[0], testNodes[3]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	laptop := testNodes[0].ID
+	cl := c.ClassOf(laptop)
+	parts := c.ClassFilterParts(cl)
+	if len(parts) != 12 {
+		t.Fatalf("%d parts, want one per source list (12)", len(parts))
+	}
+	checkParts(t, "compiled", c, laptop, parts, c.FilterChunks(laptop))
+	if got, want := jsonOf(t, concatChunks(chunkMap(c.FilterChunks(laptop)))), jsonOf(t, c.Filter(laptop)); got != want {
+		t.Fatalf("chunks concatenated in name order\n got %s\nwant %s", got, want)
+	}
+	gen := c.Gen()
+	if _, ok := c.AddNodes([]policy.Node{testNodes[4]}); !ok {
+		t.Fatal("AddNodes declined")
+	}
+	since := c.ClassFilterPartsSince(cl, gen)
+	if len(since) != 1 || since[0].Name() != parts[11].Name() {
+		t.Fatalf("after db2 joined: parts %v resent, want the tag:db list's (%s) alone", names(since), parts[11].Name())
+	}
+	checkParts(t, "joined", c, laptop, since, c.FilterChunksSince(laptop, gen))
+}
+
+func names(ps []policy.FilterPart) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.Name())
+	}
+	return out
 }

@@ -146,8 +146,7 @@ func (o *Obj) filterChunks(m map[string][]Part) {
 		if i > 0 {
 			o.B = append(o.B, ',')
 		}
-		kb, _ := json.Marshal(k)
-		o.B = append(o.B, kb...)
+		o.B = AppendString(o.B, k)
 		o.B = append(o.B, ':')
 		if v := m[k]; v == nil {
 			o.B = append(o.B, "null"...)
@@ -156,4 +155,19 @@ func (o *Obj) filterChunks(m map[string][]Part) {
 		}
 	}
 	o.B = append(o.B, '}')
+}
+
+// AppendString appends s as a JSON string, as encoding/json writes it:
+// copied as it is when nothing in it needs escaping (addresses, chunk
+// names), which skips encoding/json's allocation.
+func AppendString(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			q, _ := json.Marshal(s)
+			return append(b, q...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
 }
