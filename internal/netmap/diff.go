@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 
-	"tailscale.com/tailcfg"
-
 	"github.com/tailplane/tailplane/internal/policy"
 	"github.com/tailplane/tailplane/internal/session"
 	"github.com/tailplane/tailplane/internal/state"
@@ -47,7 +45,7 @@ func (d *update) peer(e *Engine, b *batch, old, cur *state.Node, oldEnc, newEnc 
 	case oldEnc == newEnc || bytes.Equal(oldEnc.full, newEnc.full):
 	case bytes.Equal(oldEnc.fingerprint, newEnc.fingerprint):
 		if d.u.Patches == nil {
-			d.u.Patches = map[uint64]*tailcfg.PeerChange{}
+			d.u.Patches = map[uint64]*session.Patch{}
 		}
 		d.u.Patches[cur.ID] = b.patch(old, cur)
 	default:
@@ -56,11 +54,11 @@ func (d *update) peer(e *Engine, b *batch, old, cur *state.Node, oldEnc, newEnc 
 }
 
 // patch returns the patch from old to cur, shared within the batch.
-func (b *batch) patch(old, cur *state.Node) *tailcfg.PeerChange {
+func (b *batch) patch(old, cur *state.Node) *session.Patch {
 	if p, ok := b.patches[cur.ID]; ok {
 		return p
 	}
-	p := patchFor(old, cur)
+	p := &session.Patch{Change: patchFor(old, cur)}
 	b.patches[cur.ID] = p
 	return p
 }

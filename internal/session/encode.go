@@ -38,13 +38,15 @@ func Encode(u *Update) ([]Part, error) {
 		}
 	}
 	if len(u.Patches) > 0 {
-		ps := make([]*tailcfg.PeerChange, 0, len(u.Patches))
+		ps := make([][]byte, 0, len(u.Patches))
 		for _, id := range sortedKeys(u.Patches) {
-			ps = append(ps, u.Patches[id])
+			b, err := u.Patches[id].encoded()
+			if err != nil {
+				return nil, err
+			}
+			ps = append(ps, b)
 		}
-		if err := o.Value("PeersChangedPatch", ps); err != nil {
-			return nil, err
-		}
+		o.RawList("PeersChangedPatch", ps)
 	}
 	if len(u.Online) > 0 {
 		m := make(map[tailcfg.NodeID]bool, len(u.Online))

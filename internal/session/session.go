@@ -35,7 +35,7 @@ type Update struct {
 	// PeersRemoved holds ids of peers that left the client's view.
 	PeersRemoved map[uint64]struct{}
 	// Patches are light changes (endpoints, DERP home) by peer id.
-	Patches map[uint64]*tailcfg.PeerChange
+	Patches map[uint64]*Patch
 	// Online changes by peer id.
 	Online map[uint64]bool
 	// PacketFilters replaces named filter chunks, each pre-encoded JSON
@@ -50,6 +50,24 @@ type Update struct {
 	// it was pushed to unchanged: sessions of one identity class usually
 	// receive the same delta, which is then encoded and compressed once.
 	Shared *Encoded
+}
+
+// Patch is a light change of one peer with its JSON, encoded once for
+// every session that receives it: a joining node's endpoints reach every
+// peer that sees it, and encoding the patches of each delta with
+// encoding/json was 4% of the server's CPU in a join storm under the
+// 15,000-rule policy.
+type Patch struct {
+	Change *tailcfg.PeerChange
+	once   sync.Once
+	json   []byte
+	err    error
+}
+
+// encoded returns the patch's JSON, encoding it on first use.
+func (p *Patch) encoded() ([]byte, error) {
+	p.once.Do(func() { p.json, p.err = json.Marshal(p.Change) })
+	return p.json, p.err
 }
 
 // Encoded is an update's message, built once on first use.
@@ -100,7 +118,7 @@ func (u *Update) merge(n *Update) {
 	}
 	for id, p := range n.Patches {
 		if old, ok := u.Patches[id]; ok {
-			p = mergePatch(old, p)
+			p = &Patch{Change: mergePatch(old.Change, p.Change)}
 		}
 		setMap(&u.Patches, id, p)
 	}

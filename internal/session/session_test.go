@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"io"
+	"net/netip"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -381,5 +382,31 @@ func TestWritePartsCoalesces(t *testing.T) {
 		if most := 2*len(want)/writeSize + 3; w.writes > most {
 			t.Fatalf("compress=%v: %d writes for %d bytes, want at most %d", compress, w.writes, len(want), most)
 		}
+	}
+}
+
+// TestPatchesMerge: private patches of one peer queued before the writer
+// runs are merged (newest field wins, older fields kept) and sent as
+// encoding/json writes a PeerChange; the shared patch itself is not
+// modified.
+func TestPatchesMerge(t *testing.T) {
+	on := true
+	ep := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}
+	first := &Patch{Change: &tailcfg.PeerChange{NodeID: 7, DERPRegion: 1, Endpoints: ep}}
+	s := New(10, false)
+	s.Push(&Update{Patches: map[uint64]*Patch{7: first}})
+	s.Push(&Update{Patches: map[uint64]*Patch{7: {Change: &tailcfg.PeerChange{NodeID: 7, DERPRegion: 2, Online: &on}}, 8: {Change: &tailcfg.PeerChange{NodeID: 8, Online: &on}}}})
+	f := run(t, s)
+	f.wait(t, 1)
+	ms := f.messages(t)
+	want, _ := json.Marshal([]tailcfg.PeerChange{{NodeID: 7, DERPRegion: 2, Endpoints: ep, Online: &on}, {NodeID: 8, Online: &on}})
+	if len(ms) != 1 {
+		t.Fatalf("%d messages, want the merged one", len(ms))
+	}
+	if got, _ := json.Marshal(ms[0].PeersChangedPatch); !bytes.Equal(got, want) {
+		t.Fatalf("patches\n got %s\nwant %s", got, want)
+	}
+	if first.Change.DERPRegion != 1 || first.Change.Online != nil {
+		t.Fatalf("the first patch was modified by the merge: %+v", first.Change)
 	}
 }
