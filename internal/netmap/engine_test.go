@@ -93,8 +93,9 @@ func (f *benchFixture) join(t *testing.T, n benchNode) uint64 {
 
 // TestJoinBurstSyncsFiltersOnce: in a burst of joins, the filters and SSH
 // policies of connected nodes are brought up to date at most once per
-// policySyncEvery; peers still arrive with every batch, and the deferred
-// sync, when due, sends the chunks changed by every join since.
+// policySyncEvery, or twice the last sync's time when that is longer;
+// peers still arrive with every batch, and the deferred sync, when due,
+// sends the chunks changed by every join since.
 func TestJoinBurstSyncsFiltersOnce(t *testing.T) {
 	tn := smallTailnet([]byte(`{
   "tagOwners": {"tag:srv": ["user0@example.com"]},
@@ -140,6 +141,35 @@ func TestJoinBurstSyncsFiltersOnce(t *testing.T) {
 	got := srcOf(collect(t, f.sessions[srv]))
 	if !hasAddr(got, b) || !hasAddr(got, c) {
 		t.Fatalf("due sync: tag:srv's filter sources %v lack the deferred joins", got)
+	}
+	if f.e.syncEvery != policySyncEvery {
+		t.Fatalf("after a fast sync the interval is %v, want %v", f.e.syncEvery, policySyncEvery)
+	}
+
+	// After a slow sync (3 s), the next waits twice as long: not due
+	// 3 s later, due 6 s later.
+	f.e.syncEvery = syncInterval(3 * time.Second)
+	f.e.lastSync = time.Now().Add(-3 * time.Second)
+	d := join(1)
+	if got := srcOf(collect(t, f.sessions[srv])); hasAddr(got, d) {
+		t.Fatalf("join 3 s after a 3 s sync: tag:srv's filter synced before %v", f.e.syncEvery)
+	}
+	f.e.lastSync = time.Now().Add(-6 * time.Second)
+	f.e.process(map[uint64]struct{}{}, false, false)
+	if got := srcOf(collect(t, f.sessions[srv])); !hasAddr(got, d) {
+		t.Fatalf("6 s after a 3 s sync: tag:srv's filter sources %v lack the join", got)
+	}
+}
+
+func TestSyncInterval(t *testing.T) {
+	for _, tc := range []struct{ took, want time.Duration }{
+		{100 * time.Millisecond, policySyncEvery},
+		{3 * time.Second, 6 * time.Second},
+		{20 * time.Second, maxSyncEvery},
+	} {
+		if got := syncInterval(tc.took); got != tc.want {
+			t.Errorf("syncInterval(%v) = %v, want %v", tc.took, got, tc.want)
+		}
 	}
 }
 
