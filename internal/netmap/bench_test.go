@@ -36,6 +36,7 @@ import (
 
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
+	"tailscale.com/util/zstdframe"
 
 	"github.com/tailplane/tailplane/internal/policy/policygen"
 	"github.com/tailplane/tailplane/internal/session"
@@ -503,6 +504,27 @@ func BenchmarkFullMap10kPeers(b *testing.B) {
 		m, _ = f.e.FullMap(id)
 	}
 	b.ReportMetric(float64(len(m)), "map-bytes")
+}
+
+// BenchmarkClientDecodeFullMap10kPeers is the client's side of a full
+// map: tailscaled decoding the compressed message, hundreds of zstd frames
+// back to back, as it does (zstdframe.AppendDecode(nil, msg)).
+func BenchmarkClientDecodeFullMap10kPeers(b *testing.B) {
+	f := newBenchFixture(b, defaultTailnet(nil))
+	id := f.ids[len(f.ids)/2]
+	f.e.mu.Lock()
+	f.e.buildClassFullLocked(id)
+	parts := f.e.fullPartsLocked(&sessState{}, f.e.nodes[id])
+	f.e.mu.Unlock()
+	msg := session.JoinParts(parts, true)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := zstdframe.AppendDecode(nil, msg); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(len(parts)), "parts")
+	b.ReportMetric(float64(len(msg)), "wire-bytes")
 }
 
 func BenchmarkPolicyEditFanout(b *testing.B) {

@@ -3,8 +3,6 @@ package session
 import (
 	"encoding/binary"
 	"sync"
-
-	"tailscale.com/util/zstdframe"
 )
 
 // A message is built as parts: small per-session JSON pieces and shared
@@ -29,7 +27,7 @@ func (c *Chunk) JSON() []byte { return c.json }
 
 // compressed returns the chunk's zstd frame, built on first use.
 func (c *Chunk) compressed() []byte {
-	c.once.Do(func() { c.zstd = zstdframe.AppendEncode(nil, c.json, zstdframe.FastestCompression) })
+	c.once.Do(func() { c.zstd = appendCompressed(nil, c.json) })
 	return c.zstd
 }
 
