@@ -12,12 +12,27 @@ import (
 func Encode(u *Update) ([]Part, error) {
 	// Sized up front: growing the buffer while appending a few hundred
 	// peers was a tenth of a join storm's memmove.
-	size := 256 + len(u.Self) + len(u.SSHPolicy)
+	size := 256 + len(u.Self) + len(u.SSHPolicy) + 16*len(u.PeersRemoved)
 	for _, p := range u.PeersChanged {
 		size += len(p) + 1
 	}
 	for _, p := range u.UserProfiles {
 		size += len(p) + 1
+	}
+	for _, p := range u.Patches {
+		b, err := p.encoded()
+		if err != nil {
+			return nil, err
+		}
+		size += len(b) + 1
+	}
+	for k, ps := range u.PacketFilters {
+		// Shared chunks start a buffer of their own: this counts
+		// more than the first buffer needs, never less.
+		size += len(k) + 4
+		for _, p := range ps {
+			size += len(p.Raw)
+		}
 	}
 	o := NewObj(make([]byte, 0, size))
 	o.Raw("Node", u.Self)

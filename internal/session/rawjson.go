@@ -20,11 +20,13 @@ type Builder struct {
 	parts []Part
 }
 
-// Chunk adds a shared chunk.
+// Chunk adds a shared chunk. The bytes after it go on in the same
+// buffer (what precedes is a part of its own, capped so that nothing
+// appended can reach it): a message sized up front is one allocation.
 func (b *Builder) Chunk(c *Chunk) {
-	if len(b.B) > 0 {
-		b.parts = append(b.parts, Part{Raw: b.B})
-		b.B = nil
+	if n := len(b.B); n > 0 {
+		b.parts = append(b.parts, Part{Raw: b.B[:n:n]})
+		b.B = b.B[n:]
 	}
 	b.parts = append(b.parts, Part{Chunk: c})
 }
