@@ -224,8 +224,8 @@ func (fe *filterEncoder) encodePart(c *policy.Compiled, nodeID uint64, p policy.
 		return fe.encode(p.Rules(c, nodeID))
 	}
 	hasDst := len(pe.dst) > 0 || (len(pe.self) > 0 && len(own) > 0)
-	// What follows the source list, sized once: a large list is a chunk,
-	// which leaves the builder to start a new buffer after it.
+	// What follows the source list, sized once (after a large list, a
+	// chunk, the builder goes on in what is left of its buffer).
 	rest := len(pe.tail) + 1
 	if hasDst {
 		rest += len(`,"DstPorts":[]`) + len(pe.dst)

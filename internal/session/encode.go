@@ -19,16 +19,18 @@ func Encode(u *Update) ([]Part, error) {
 	for _, p := range u.UserProfiles {
 		size += len(p) + 1
 	}
-	for _, p := range u.Patches {
-		b, err := p.encoded()
+	patches := make([][]byte, 0, len(u.Patches))
+	for _, id := range sortedKeys(u.Patches) {
+		b, err := u.Patches[id].encoded()
 		if err != nil {
 			return nil, err
 		}
+		patches = append(patches, b)
 		size += len(b) + 1
 	}
 	for k, ps := range u.PacketFilters {
-		// Shared chunks start a buffer of their own: this counts
-		// more than the first buffer needs, never less.
+		// Shared chunks are parts of their own; the builder goes on
+		// in the same buffer after them.
 		size += len(k) + 4
 		for _, p := range ps {
 			size += len(p.Raw)
@@ -52,17 +54,7 @@ func Encode(u *Update) ([]Part, error) {
 			return nil, err
 		}
 	}
-	if len(u.Patches) > 0 {
-		ps := make([][]byte, 0, len(u.Patches))
-		for _, id := range sortedKeys(u.Patches) {
-			b, err := u.Patches[id].encoded()
-			if err != nil {
-				return nil, err
-			}
-			ps = append(ps, b)
-		}
-		o.RawList("PeersChangedPatch", ps)
-	}
+	o.RawList("PeersChangedPatch", patches)
 	if len(u.Online) > 0 {
 		m := make(map[tailcfg.NodeID]bool, len(u.Online))
 		for id, on := range u.Online {

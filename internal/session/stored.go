@@ -44,7 +44,7 @@ func appendFrame(dst, src []byte) []byte {
 func appendCompressed(dst, src []byte) []byte {
 	bp := zstdScratch.Get().(*[]byte)
 	f := zstdframe.AppendEncode((*bp)[:0], src, zstdframe.FastestCompression)
-	f = unsize(f, 0, len(src))
+	f = unsize(f, len(src))
 	dst = append(dst, f...)
 	*bp = f[:0]
 	zstdScratch.Put(bp)
@@ -55,32 +55,31 @@ func appendCompressed(dst, src []byte) []byte {
 // keeps the capacity its largest frame needed.
 var zstdScratch = sync.Pool{New: func() any { return new([]byte) }}
 
-// unsize removes the content size from the header of the frame at
-// dst[start:], which holds n bytes (RFC 8878 3.1.1.1): a single-segment
-// frame (whose window is its content size) gets a window descriptor of at
-// least n instead, which bounds both its match offsets and its blocks; a
-// frame with a window descriptor keeps it. A header of another shape (a
-// dictionary) is left as it is: still valid, only slower to decode.
-func unsize(dst []byte, start, n int) []byte {
-	fhd := dst[start+4]
-	fcsFlag, single := fhd>>6, fhd>>5&1 == 1
+// unsize removes the content size from the header of frame f, which
+// holds n bytes (RFC 8878 3.1.1.1): a single-segment frame (whose window
+// is its content size) gets a window descriptor of at least n instead,
+// which bounds both its match offsets and its blocks; a frame with a
+// window descriptor keeps it. A header of another shape (a dictionary) is
+// left as it is: still valid, only slower to decode.
+func unsize(f []byte, n int) []byte {
+	fhd := f[4]
 	if fhd&3 != 0 {
-		return dst
+		return f
 	}
-	fcsLen := [4]int{0, 2, 4, 8}[fcsFlag]
-	wd := byte(0)
-	if single {
-		fcsLen = [4]int{1, 2, 4, 8}[fcsFlag]
-		wd = windowFor(n)
+	fcsFlag := fhd >> 6
+	// hdr is the header's end: magic, descriptor, window descriptor
+	// (unless single-segment), content size.
+	var hdr int
+	wd := windowFor(n)
+	if fhd>>5&1 == 1 {
+		hdr = 5 + [4]int{1, 2, 4, 8}[fcsFlag]
 	} else {
-		wd = dst[start+5]
-		fcsLen++ // the old window descriptor is dropped with the size, and written back below
+		wd = f[5]
+		hdr = 6 + [4]int{0, 2, 4, 8}[fcsFlag]
 	}
 	// New header: magic, descriptor (checksum flag kept), window.
-	dst[start+4] = fhd & 4
-	dst[start+5] = wd
-	rest := start + 5 + fcsLen
-	return append(dst[:start+6], dst[rest:]...)
+	f[4], f[5] = fhd&4, wd
+	return append(f[:6], f[hdr:]...)
 }
 
 // windowFor returns the window descriptor of the smallest window of at
