@@ -48,7 +48,10 @@ func TestFramesDecode(t *testing.T) {
 // TestManyFramesDecodeInLinearSpace: a message of 300 chunk frames (a
 // 10,000-peer full map) decodes, as tailscaled decodes it, allocating a
 // small multiple of its size. Frames that declare their size made the
-// decoder copy its output once per frame: over 100 times the size.
+// decoder copy its output once per frame: over 100 times the size. The
+// least of three decodes is taken, and the bound leaves room for a fresh
+// decoder (about 4 MB), because the race detector makes sync.Pool drop
+// pooled decoders at random.
 func TestManyFramesDecodeInLinearSpace(t *testing.T) {
 	var msg, raw []byte
 	for range 300 {
@@ -56,14 +59,18 @@ func TestManyFramesDecodeInLinearSpace(t *testing.T) {
 		raw = append(raw, piece...)
 		msg = appendFrame(msg, piece)
 	}
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	got, err := zstdframe.AppendDecode(nil, msg)
-	runtime.ReadMemStats(&after)
-	if err != nil || !bytes.Equal(got, raw) {
-		t.Fatalf("decode: %v", err)
+	least := ^uint64(0)
+	for range 3 {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		got, err := zstdframe.AppendDecode(nil, msg)
+		runtime.ReadMemStats(&after)
+		if err != nil || !bytes.Equal(got, raw) {
+			t.Fatalf("decode: %v", err)
+		}
+		least = min(least, after.TotalAlloc-before.TotalAlloc)
 	}
-	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 8*uint64(len(raw)) {
-		t.Fatalf("decoding %d bytes in 300 frames allocated %d bytes", len(raw), alloc)
+	if least > 24*uint64(len(raw)) {
+		t.Fatalf("decoding %d bytes in 300 frames allocated %d bytes", len(raw), least)
 	}
 }
