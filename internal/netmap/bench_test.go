@@ -263,15 +263,17 @@ var sentinelFrame = func() []byte {
 }()
 
 // drainWriter stops its session's Run after the first flush and records
-// whether anything other than the sentinel was written.
+// whether anything other than the sentinel was written, and how many bytes.
 type drainWriter struct {
 	cancel   context.CancelFunc
 	buf      []byte
 	overflow bool
 	got      bool
+	n        int
 }
 
 func (w *drainWriter) Write(p []byte) (int, error) {
+	w.n += len(p)
 	if len(w.buf)+len(p) > len(sentinelFrame) {
 		w.overflow = true
 	} else {
@@ -296,24 +298,41 @@ func (w *drainWriter) Flush() error {
 // writes the pending update (a full map first, if any), and the flush
 // cancels the context so Run returns. Deterministic, no goroutines.
 func drain(s *session.Session) bool {
+	got, _ := drainBytes(s)
+	return got
+}
+
+// drainBytes is drain that also returns the bytes written, the sentinel
+// included.
+func drainBytes(s *session.Session) (bool, int) {
 	s.Push(&session.Update{Online: map[uint64]bool{sentinelID: true}})
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &drainWriter{cancel: cancel}
 	s.Run(ctx, w)
 	cancel()
-	return w.got
+	return w.got, w.n
 }
 
 // drainAll drains every session and returns the ids that received
 // something.
 func (f *benchFixture) drainAll() map[uint64]bool {
+	got, _ := f.drainAllBytes()
+	return got
+}
+
+// drainAllBytes is drainAll that also returns about how many bytes the
+// sessions were sent (the sentinels' frames subtracted).
+func (f *benchFixture) drainAllBytes() (map[uint64]bool, int) {
 	got := map[uint64]bool{}
+	total := 0
 	for id, s := range f.sessions {
-		if drain(s) {
+		g, n := drainBytes(s)
+		if g {
 			got[id] = true
 		}
+		total += n - len(sentinelFrame)
 	}
-	return got
+	return got, total
 }
 
 // defaultTailnet: 100 users with 99-100 nodes each, and 20 tag:ops nodes
@@ -369,6 +388,10 @@ func generatedTailnet() (benchTailnet, []byte) {
 	return tn, pol
 }
 
+// BenchmarkAddNodeTo10k times one node registering into a 10,000-node
+// tailnet and the engine's fan-out of it (fanout-ms/op). The node leaves
+// again after each round, untimed; leave-ms/op is the engine's part of
+// that leave, and the wire-B/op metrics what the sessions were sent.
 func BenchmarkAddNodeTo10k(b *testing.B) {
 	gen, _ := generatedTailnet()
 	cases := []struct {
@@ -424,6 +447,8 @@ func BenchmarkAddNodeTo10k(b *testing.B) {
 			checked := false
 			var updated int
 			var fanout time.Duration // the engine's part, without registering
+			var leave time.Duration  // the engine's part of the leave after it
+			var joinBytes, leaveBytes int
 			b.ReportAllocs()
 			for b.Loop() {
 				res, err := f.st.Register(ctx, p)
@@ -439,8 +464,8 @@ func BenchmarkAddNodeTo10k(b *testing.B) {
 				fanout += time.Since(t0)
 
 				b.StopTimer()
-				got := f.drainAll()
-				updated = len(got)
+				got, n := f.drainAllBytes()
+				updated, joinBytes = len(got), joinBytes+n
 				if !checked {
 					checkReceivers(b, "join", got, want, len(f.sessions))
 				}
@@ -448,8 +473,12 @@ func BenchmarkAddNodeTo10k(b *testing.B) {
 				if err := f.st.DeleteNode(ctx, id); err != nil {
 					b.Fatal(err)
 				}
+				f.e.lastSync = time.Time{}
+				t0 = time.Now()
 				f.e.process(map[uint64]struct{}{id: {}}, false, false)
-				got = f.drainAll()
+				leave += time.Since(t0)
+				got, n = f.drainAllBytes()
+				leaveBytes += n
 				if !checked {
 					checkReceivers(b, "leave", got, want, len(f.sessions))
 					checked = true
@@ -459,6 +488,9 @@ func BenchmarkAddNodeTo10k(b *testing.B) {
 			}
 			b.ReportMetric(float64(updated), "sessions-updated")
 			b.ReportMetric(float64(fanout.Microseconds())/1000/float64(b.N), "fanout-ms/op")
+			b.ReportMetric(float64(leave.Microseconds())/1000/float64(b.N), "leave-ms/op")
+			b.ReportMetric(float64(joinBytes)/float64(b.N), "join-wire-B/op")
+			b.ReportMetric(float64(leaveBytes)/float64(b.N), "leave-wire-B/op")
 		})
 	}
 }

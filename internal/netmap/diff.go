@@ -168,10 +168,8 @@ func (e *Engine) batchPeersLocked(ss *sessState, b *batch, d *update) {
 		}
 	}
 	for _, id := range b.removed {
-		if b.prevCompiled != nil {
-			if _, ok := b.prevCompiled.PeerView(me, id); ok {
-				d.removed(id)
-			}
+		if b.sawRemoved(me, id) {
+			d.removed(id)
 		}
 	}
 	for _, id := range b.soft {

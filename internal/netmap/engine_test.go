@@ -309,3 +309,67 @@ func TestJoinSyncsEachNodesOwnFilter(t *testing.T) {
 		}
 	}
 }
+
+// TestLeaveUpdatesInPlace: a node leaving a class that keeps other members
+// is taken out of the compilation without recompiling: the sessions that
+// saw it are told it is gone, the filters naming its address lose it at
+// once in a quiet tailnet, and a session that never saw it gets nothing.
+// The last node of a class leaving recompiles.
+func TestLeaveUpdatesInPlace(t *testing.T) {
+	tn := smallTailnet([]byte(`{
+  "tagOwners": {"tag:srv": ["user0@example.com"], "tag:lone": ["user0@example.com"]},
+  "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:srv:22", "autogroup:member:80"]}]
+}`), 2, 20, func(i int) bool { return i%5 == 0 }, "tag:srv")
+	f := newBenchFixture(t, tn)
+	lone := f.join(t, benchNode{user: 0, tags: []string{"tag:lone"}})
+	f.sessions[lone] = session.New(lone, false)
+	f.e.attachQuiet(f.sessions[lone])
+	f.drainAll()
+
+	gone := f.ids[1] // a user node; its class keeps members
+	addr := f.st.Node(gone).IPv4
+	compiled := f.e.compiled
+	f.e.lastSync = time.Time{}
+	if err := f.st.DeleteNode(context.Background(), gone); err != nil {
+		t.Fatal(err)
+	}
+	f.e.process(map[uint64]struct{}{gone: {}}, false, false)
+	if f.e.compiled != compiled {
+		t.Fatal("the leave recompiled the policy")
+	}
+	delete(f.sessions, gone)
+	other := f.st.Node(f.ids[2]).IPv4 // a member that stays
+	for id, s := range f.sessions {
+		m := collect(t, s)
+		if id == lone {
+			// Only the sentinel drain pushes.
+			if len(m) != 1 || len(m[0].PeersRemoved)+len(m[0].PacketFilters)+len(m[0].PeersChanged) > 0 {
+				t.Fatalf("the node that never saw %d got %+v", gone, m)
+			}
+			continue
+		}
+		removed, synced := false, false
+		for _, r := range m {
+			removed = removed || slices.Contains(r.PeersRemoved, tailcfg.NodeID(gone))
+			for _, rules := range r.PacketFilters {
+				for _, fr := range rules {
+					if srcsHold(fr.SrcIPs, addr) {
+						t.Fatalf("node %d: filter sources %v still hold the removed node's %v", id, fr.SrcIPs, addr)
+					}
+					synced = synced || srcsHold(fr.SrcIPs, other)
+				}
+			}
+		}
+		if !removed || !synced {
+			t.Fatalf("node %d: told of the leave %v, filter synced %v: %+v", id, removed, synced, m)
+		}
+	}
+
+	if err := f.st.DeleteNode(context.Background(), lone); err != nil {
+		t.Fatal(err)
+	}
+	f.e.process(map[uint64]struct{}{lone: {}}, false, false)
+	if f.e.compiled == compiled {
+		t.Fatal("the last node of a class left without a recompilation")
+	}
+}

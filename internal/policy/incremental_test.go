@@ -95,15 +95,6 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 			}
 		}
 		for _, nd := range nodes[:n] {
-			// The old chunks with the changed ones replaced: what a
-			// client holds after the delta.
-			held := chunks[nd.ID]
-			for _, ch := range c.FilterChunksSince(nd.ID, gen) {
-				held[ch.Name] = ch.Rules
-			}
-			if got, w := jsonOf(t, concatChunks(held)), jsonOf(t, c.Filter(nd.ID)); got != w {
-				t.Fatalf("%s: after adding nodes %d..%d, node %d: old chunks plus changed ones\n got %s\nwant %s", name, n, end-1, nd.ID, got, w)
-			}
 			if h, ok := held0[nd.ID]; ok {
 				for _, ch := range c.FilterChunksSince(nd.ID, gen0) {
 					h[ch.Name] = ch.Rules
@@ -112,13 +103,32 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 					t.Fatalf("%s: node %d: chunks as of generation %d plus those changed since\n got %s\nwant %s", name, nd.ID, gen0, got, w)
 				}
 			}
-			if !slices.Contains(changed, c.ClassOf(nd.ID)) && ownAnswers(t, c, nd.ID) != before[nd.ID] {
-				t.Fatalf("%s: after adding nodes %d..%d, node %d's filter or SSH policy changed but its class %d was not reported", name, n, end-1, nd.ID, c.ClassOf(nd.ID))
-			}
 		}
+		checkDelta(t, fmt.Sprintf("%s: after adding nodes %d..%d", name, n, end-1), c, nodes[:n], before, chunks, gen, changed)
 		n = end
 	}
 	return took
+}
+
+// checkDelta checks, for nodes that were in the tailnet before a change,
+// that the chunks they held (chunks, as of generation gen) with those
+// changed since replaced make their filter, and that nodes of classes the
+// change did not report kept their filter, SSH policy and capabilities
+// (before, from ownAnswers).
+func checkDelta(t *testing.T, what string, c *policy.Compiled, nodes []policy.Node, before map[uint64]string, chunks map[uint64]map[string][]tailcfg.FilterRule, gen uint64, changed []int) {
+	t.Helper()
+	for _, nd := range nodes {
+		held := chunks[nd.ID]
+		for _, ch := range c.FilterChunksSince(nd.ID, gen) {
+			held[ch.Name] = ch.Rules
+		}
+		if got, w := jsonOf(t, concatChunks(held)), jsonOf(t, c.Filter(nd.ID)); got != w {
+			t.Fatalf("%s, node %d: old chunks plus changed ones\n got %s\nwant %s", what, nd.ID, got, w)
+		}
+		if !slices.Contains(changed, c.ClassOf(nd.ID)) && ownAnswers(t, c, nd.ID) != before[nd.ID] {
+			t.Fatalf("%s, node %d's filter or SSH policy changed but its class %d was not reported", what, nd.ID, c.ClassOf(nd.ID))
+		}
+	}
 }
 
 // checkParts checks that a class's filter parts are the node's chunks:
@@ -197,18 +207,8 @@ func ownAnswers(t testing.TB, c *policy.Compiled, id uint64) string {
 func TestAddNodesMatchesCompile(t *testing.T) {
 	var took, batches int
 	for _, oc := range loadCases(t) {
-		if oc.PolicyStatus != 200 {
-			continue
-		}
-		pol, err := policy.Parse([]byte(oc.Policy))
-		if err != nil {
-			continue
-		}
-		users, nodes, err := simulate.Tailnet(&oc.Case, pol)
-		if err != nil || len(nodes) < 2 {
-			continue
-		}
-		if _, err := pol.Compile(users, nodes); err != nil {
+		pol, users, nodes, ok := oracleTailnet(oc)
+		if !ok {
 			continue
 		}
 		ones := make([]int, len(nodes))
@@ -223,6 +223,26 @@ func TestAddNodesMatchesCompile(t *testing.T) {
 	if took == 0 {
 		t.Fatal("AddNodes never applied: the test compared nothing")
 	}
+}
+
+// oracleTailnet is an oracle case's policy and tailnet, when Tailscale
+// accepted the policy, it compiles, and the tailnet has two nodes or more.
+func oracleTailnet(oc oracleCase) (*policy.Policy, []policy.User, []policy.Node, bool) {
+	if oc.PolicyStatus != 200 {
+		return nil, nil, nil, false
+	}
+	pol, err := policy.Parse([]byte(oc.Policy))
+	if err != nil {
+		return nil, nil, nil, false
+	}
+	users, nodes, err := simulate.Tailnet(&oc.Case, pol)
+	if err != nil || len(nodes) < 2 {
+		return nil, nil, nil, false
+	}
+	if _, err := pol.Compile(users, nodes); err != nil {
+		return nil, nil, nil, false
+	}
+	return pol, users, nodes, true
 }
 
 // TestAddNodesGenerated does the same on a generated policy with groups,

@@ -167,32 +167,40 @@ func (cp *compiler) addSSHSources(st *sshState, first int, srcCl bitset, touch *
 			dirty = append(dirty, g)
 		}
 	}
-	emit := func(pr []*tailcfg.SSHPrincipal, users map[string]string) *tailcfg.SSHRule {
-		// Clipped: the state appends to pr for later joins.
-		return &tailcfg.SSHRule{Principals: slices.Clip(pr), SSHUsers: users, Action: st.r.action(), AcceptEnv: st.r.acceptEnv}
-	}
 	if allDirty {
-		st.all = emit(st.principals, st.common)
+		st.all = st.emit(st.principals, st.common)
 		touch.orGrow(st.dstCl)
 	}
 	for _, g := range dirty {
 		g.dirty = false
-		g.rules = []*tailcfg.SSHRule{emit(g.principals, st.common)}
-		if len(st.localDomains) > 0 {
-			// With localpart users every part also goes to the rule's
-			// destinations.
-			touch.orGrow(st.dstCl)
-		}
-		if g.class >= 0 {
-			touch.add(g.class)
-			continue
-		}
-		if lp, ok := localpartFor(c, g.user, st.localDomains); ok {
-			g.rules = append(g.rules, emit(g.principals, map[string]string{lp: lp}))
-		}
-		for _, ci := range cp.userClasses[g.user] {
-			touch.add(ci)
-		}
+		cp.reemit(st, g, touch)
+	}
+}
+
+// emit makes one SSH rule of the state's rule for principals pr.
+func (st *sshState) emit(pr []*tailcfg.SSHPrincipal, users map[string]string) *tailcfg.SSHRule {
+	// Clipped: the state appends to pr for later joins.
+	return &tailcfg.SSHRule{Principals: slices.Clip(pr), SSHUsers: users, Action: st.r.action(), AcceptEnv: st.r.acceptEnv}
+}
+
+// reemit rebuilds the rules of group g, whose principals changed, and adds
+// the classes receiving them to touch.
+func (cp *compiler) reemit(st *sshState, g *sshGroup, touch *bitset) {
+	g.rules = []*tailcfg.SSHRule{st.emit(g.principals, st.common)}
+	if len(st.localDomains) > 0 {
+		// With localpart users every part also goes to the rule's
+		// destinations.
+		touch.orGrow(st.dstCl)
+	}
+	if g.class >= 0 {
+		touch.add(g.class)
+		return
+	}
+	if lp, ok := localpartFor(cp.c, g.user, st.localDomains); ok {
+		g.rules = append(g.rules, st.emit(g.principals, map[string]string{lp: lp}))
+	}
+	for _, ci := range cp.userClasses[g.user] {
+		touch.add(ci)
 	}
 }
 
