@@ -100,7 +100,8 @@ func (e *Engine) filterAndSelf(ss *sessState, b *batch, d *update, filters bool)
 // filterDeltaLocked returns the filter chunks session ss must receive, or
 // nil. After a recompilation (b.syncAll) that is the whole filter with the
 // "*" reset, when its hash differs from the one the session holds;
-// otherwise the chunks joins changed since the session last synced.
+// otherwise the chunks joins and leaves changed since the session last
+// synced, and deletions of those leaves emptied.
 func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string][]session.Part {
 	id := ss.s.NodeID
 	since := ss.filterGen
@@ -120,6 +121,10 @@ func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string][]session
 	own := ownDsts(e.compiled.OwnAddrs(id))
 	pf := make(map[string][]session.Part, len(parts))
 	for _, p := range parts {
+		if p.Deleted() {
+			pf[p.Name()] = nil // a leave emptied its sources
+			continue
+		}
 		pf[p.Name()] = e.filterEnc.encodePart(e.compiled, id, p, own)
 	}
 	ss.filterSum = 0

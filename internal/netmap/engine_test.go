@@ -310,42 +310,59 @@ func TestJoinSyncsEachNodesOwnFilter(t *testing.T) {
 	}
 }
 
-// TestLeaveUpdatesInPlace: a node leaving a class that keeps other members
-// is taken out of the compilation without recompiling: the sessions that
-// saw it are told it is gone, the filters naming its address lose it at
-// once in a quiet tailnet, and a session that never saw it gets nothing.
-// The last node of a class leaving recompiles.
+// TestLeaveUpdatesInPlace: a leave is taken out of the compilation
+// without recompiling: the sessions that saw the node are told it is gone,
+// the filters naming its address lose it at once in a quiet tailnet, and a
+// session that never saw it gets nothing. When the last node of a class
+// leaves, the chunks whose sources it alone stood for are deleted.
 func TestLeaveUpdatesInPlace(t *testing.T) {
 	tn := smallTailnet([]byte(`{
-  "tagOwners": {"tag:srv": ["user0@example.com"], "tag:lone": ["user0@example.com"]},
-  "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:srv:22", "autogroup:member:80"]}]
+  "tagOwners": {"tag:srv": ["user0@example.com"], "tag:lone": ["user0@example.com"], "tag:x": ["user0@example.com"]},
+  "acls": [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["tag:srv:22", "autogroup:member:80"]},
+    {"action": "accept", "src": ["tag:lone"], "dst": ["tag:srv:443"]}
+  ]
 }`), 2, 20, func(i int) bool { return i%5 == 0 }, "tag:srv")
 	f := newBenchFixture(t, tn)
+	var srv []uint64
+	for i, n := range tn.nodes {
+		if len(n.tags) > 0 {
+			srv = append(srv, f.ids[i])
+		}
+	}
 	lone := f.join(t, benchNode{user: 0, tags: []string{"tag:lone"}})
-	f.sessions[lone] = session.New(lone, false)
-	f.e.attachQuiet(f.sessions[lone])
+	x := f.join(t, benchNode{user: 0, tags: []string{"tag:x"}})
+	f.sessions[x] = session.New(x, false)
+	f.e.attachQuiet(f.sessions[x])
 	f.drainAll()
+	compiled := f.e.compiled
+	leave := func(id uint64) map[uint64][]tailcfg.MapResponse {
+		t.Helper()
+		f.e.lastSync = time.Time{}
+		if err := f.st.DeleteNode(context.Background(), id); err != nil {
+			t.Fatal(err)
+		}
+		f.e.process(map[uint64]struct{}{id: {}}, false, false)
+		if f.e.compiled != compiled {
+			t.Fatalf("node %d leaving recompiled the policy", id)
+		}
+		delete(f.sessions, id)
+		got := map[uint64][]tailcfg.MapResponse{}
+		for sid, s := range f.sessions {
+			got[sid] = collect(t, s)
+		}
+		// Only the sentinel drain pushes to the node nobody sees.
+		if m := got[x]; len(m) != 1 || len(m[0].PeersRemoved)+len(m[0].PacketFilters)+len(m[0].PeersChanged) > 0 {
+			t.Fatalf("the node that never saw %d got %+v", id, m)
+		}
+		return got
+	}
 
 	gone := f.ids[1] // a user node; its class keeps members
 	addr := f.st.Node(gone).IPv4
-	compiled := f.e.compiled
-	f.e.lastSync = time.Time{}
-	if err := f.st.DeleteNode(context.Background(), gone); err != nil {
-		t.Fatal(err)
-	}
-	f.e.process(map[uint64]struct{}{gone: {}}, false, false)
-	if f.e.compiled != compiled {
-		t.Fatal("the leave recompiled the policy")
-	}
-	delete(f.sessions, gone)
 	other := f.st.Node(f.ids[2]).IPv4 // a member that stays
-	for id, s := range f.sessions {
-		m := collect(t, s)
-		if id == lone {
-			// Only the sentinel drain pushes.
-			if len(m) != 1 || len(m[0].PeersRemoved)+len(m[0].PacketFilters)+len(m[0].PeersChanged) > 0 {
-				t.Fatalf("the node that never saw %d got %+v", gone, m)
-			}
+	for id, m := range leave(gone) {
+		if id == x {
 			continue
 		}
 		removed, synced := false, false
@@ -365,11 +382,16 @@ func TestLeaveUpdatesInPlace(t *testing.T) {
 		}
 	}
 
-	if err := f.st.DeleteNode(context.Background(), lone); err != nil {
-		t.Fatal(err)
-	}
-	f.e.process(map[uint64]struct{}{lone: {}}, false, false)
-	if f.e.compiled == compiled {
-		t.Fatal("the last node of a class left without a recompilation")
+	got := leave(lone)
+	for _, id := range srv {
+		deleted := false
+		for _, r := range got[id] {
+			for name, rules := range r.PacketFilters {
+				deleted = deleted || (rules == nil && name != "*")
+			}
+		}
+		if !deleted {
+			t.Fatalf("tag:srv node %d: the chunk of tag:lone's rule was not deleted: %+v", id, got[id])
+		}
 	}
 }

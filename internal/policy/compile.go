@@ -167,8 +167,11 @@ type compiler struct {
 	selReachPfx, selReachedByPfx []*netipx.IPSet
 	// self holds the autogroup:self piece of each rule and source user.
 	self map[selfKey]*selfEntry
-	// adds counts AddNodes calls, to mark the source lists each changed.
+	// adds counts AddNodes and RemoveNodes calls, to mark the source lists
+	// each changed.
 	adds uint64
+	// empty counts the classes RemoveNodes left without members.
+	empty int
 	// ssh is what each SSH rule emitted.
 	ssh []*sshState
 }
@@ -473,6 +476,11 @@ func (cp *compiler) classify(i int) (ci int, isNew bool) {
 		}
 	}
 	c.classOf[i] = ci
+	if cl := c.classes[ci]; len(cl.members) == 0 && ok {
+		// A class RemoveNodes emptied comes back.
+		cl.rep = i
+		cp.empty--
+	}
 	c.classes[ci].members = append(c.classes[ci].members, i)
 	return ci, !ok
 }

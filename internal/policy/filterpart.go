@@ -40,6 +40,11 @@ func (p FilterPart) SelfPorts() []tailcfg.PortRange { return p.pc.selfPorts }
 // Protos is the rule's IPProto.
 func (p FilterPart) Protos() []int { return p.pc.protos }
 
+// Deleted reports a part whose source list a leave emptied: it builds no
+// rule, and a client holding its chunk must delete it (a null value in
+// PacketFilters). Only ClassFilterPartsSince returns such parts.
+func (p FilterPart) Deleted() bool { return len(p.Src()) == 0 }
+
 // HasCaps reports an app grant, whose rule carries a CapGrant.
 func (p FilterPart) HasCaps() bool { return p.pc.caps != nil }
 
@@ -69,20 +74,21 @@ func (c *Compiled) ClassFilterParts(cl int) []FilterPart {
 	return c.classFilterParts(cl, 0, true)
 }
 
-// ClassFilterPartsSince returns the parts of class cl that AddNodes calls
-// after generation gen (see Gen) created or changed. A client that holds
-// its node's parts as of gen and replaces them with these holds exactly
-// Filter: a join resends the rules whose sources it changed, not the whole
-// filter. Members share the result, so a fan-out looks for changed pieces
-// once per class.
+// ClassFilterPartsSince returns the parts of class cl that AddNodes or
+// RemoveNodes calls after generation gen (see Gen) created, changed or
+// emptied (Deleted). A client that holds its node's parts as of gen and
+// replaces them with these (deleting the emptied ones) holds exactly
+// Filter: a join or leave resends the rules whose sources it changed, not
+// the whole filter. Members share the result, so a fan-out looks for
+// changed pieces once per class.
 func (c *Compiled) ClassFilterPartsSince(cl int, gen uint64) []FilterPart {
 	return c.classFilterParts(cl, gen, false)
 }
 
 // classFilterParts returns the parts of class cl with a non-empty source
 // list (an empty one builds no rule): all of them, or those of pieces
-// created after gen and of lists changed after it. Joins only grow lists,
-// so a part never has to be deleted.
+// created after gen and of lists changed after it, with the lists emptied
+// after gen as deleted parts.
 func (c *Compiled) classFilterParts(cl int, gen uint64, all bool) []FilterPart {
 	if cl < 0 || cl >= len(c.classes) {
 		return nil
@@ -91,7 +97,7 @@ func (c *Compiled) classFilterParts(cl int, gen uint64, all bool) []FilterPart {
 	for _, pc := range c.classes[cl].pieces {
 		whole := all || pc.added > gen
 		for si, l := range pc.srcs {
-			if len(l.ips) > 0 && (whole || l.dirty > gen) {
+			if len(l.ips) > 0 && (whole || l.dirty > gen) || len(l.ips) == 0 && !whole && l.dirty > gen {
 				out = append(out, FilterPart{pc, si})
 			}
 		}

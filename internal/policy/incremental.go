@@ -125,6 +125,11 @@ func (cp *compiler) canAdd(nodes []Node) (activate []int, ok bool) {
 			activate = append(activate, ri)
 		}
 	}
+	if len(activate) > 0 && cp.empty > 0 {
+		// Activating a rule gives pieces to every class it names, built
+		// from each one's representative, which an emptied class lacks.
+		return nil, false
+	}
 	return activate, true
 }
 

@@ -96,9 +96,7 @@ func addAndCompare(t *testing.T, name string, pol *policy.Policy, users []policy
 		}
 		for _, nd := range nodes[:n] {
 			if h, ok := held0[nd.ID]; ok {
-				for _, ch := range c.FilterChunksSince(nd.ID, gen0) {
-					h[ch.Name] = ch.Rules
-				}
+				applyChunks(h, c.FilterChunksSince(nd.ID, gen0))
 				if got, w := jsonOf(t, concatChunks(h)), jsonOf(t, c.Filter(nd.ID)); got != w {
 					t.Fatalf("%s: node %d: chunks as of generation %d plus those changed since\n got %s\nwant %s", name, nd.ID, gen0, got, w)
 				}
@@ -119,9 +117,7 @@ func checkDelta(t *testing.T, what string, c *policy.Compiled, nodes []policy.No
 	t.Helper()
 	for _, nd := range nodes {
 		held := chunks[nd.ID]
-		for _, ch := range c.FilterChunksSince(nd.ID, gen) {
-			held[ch.Name] = ch.Rules
-		}
+		applyChunks(held, c.FilterChunksSince(nd.ID, gen))
 		if got, w := jsonOf(t, concatChunks(held)), jsonOf(t, c.Filter(nd.ID)); got != w {
 			t.Fatalf("%s, node %d: old chunks plus changed ones\n got %s\nwant %s", what, nd.ID, got, w)
 		}
@@ -145,6 +141,12 @@ func checkParts(t *testing.T, name string, c *policy.Compiled, id uint64, parts 
 		if p.Name() != ch.Name {
 			t.Fatalf("%s: node %d: part %d is %q, chunk %q", name, id, i, p.Name(), ch.Name)
 		}
+		if p.Deleted() || ch.Rules == nil {
+			if !p.Deleted() || ch.Rules != nil {
+				t.Fatalf("%s: node %d: part %s deleted %v, chunk rules %v", name, id, p.Name(), p.Deleted(), ch.Rules)
+			}
+			continue
+		}
 		want := jsonOf(t, ch.Rules)
 		if got := jsonOf(t, p.Rules(c, id)); got != want {
 			t.Fatalf("%s: node %d: part %s's Rules\n got %s\nwant %s", name, id, p.Name(), got, want)
@@ -161,6 +163,18 @@ func checkParts(t *testing.T, name string, c *policy.Compiled, id uint64, parts 
 		rules := []tailcfg.FilterRule{{SrcIPs: p.Src(), DstPorts: dst, IPProto: p.Protos()}}
 		if got := jsonOf(t, rules); got != want {
 			t.Fatalf("%s: node %d: part %s as its accessors describe it\n got %s\nwant %s", name, id, p.Name(), got, want)
+		}
+	}
+}
+
+// applyChunks is what a client does with PacketFilters: replace the
+// named chunks, deleting those with no rules.
+func applyChunks(held map[string][]tailcfg.FilterRule, chs []policy.FilterChunk) {
+	for _, ch := range chs {
+		if ch.Rules == nil {
+			delete(held, ch.Name)
+		} else {
+			held[ch.Name] = ch.Rules
 		}
 	}
 }

@@ -9,19 +9,21 @@ import (
 
 // RemoveNodes removes nodes from the compilation in place, giving the same
 // answers as compiling the policy over the nodes that remain (DESIGN
-// principle 3, for leaves). A node leaving a class that keeps other
-// members only takes its addresses out of the source lists and SSH
-// principals naming it: classes, pieces and visibility stay as they are,
-// and class ids stay valid, so a caller can still ask which classes saw
-// the removed nodes (ClassSees).
+// principle 3, for leaves). A leaving node only takes its addresses out of
+// the source lists and SSH principals naming it: classes, pieces and
+// visibility stay as they are, and class ids stay valid, so a caller can
+// still ask which classes saw the removed nodes (ClassSees).
+//
+// A class may be left without members. It stays, seen by and holding what
+// it did, which no node's answers show; a node joining it later revives
+// it. Its source lists may empty: their parts then build no rule, and
+// ClassFilterPartsSince reports them deleted. Such classes make AddNodes
+// recompile when a join would compile a rule anew (its pieces are built
+// from a class's representative node).
 //
 // It returns the classes whose filter or SSH policy may have changed. It
 // returns ok=false, having changed nothing, when the change needs a full
-// Compile: a node that routes or is absent, a policy with via grants, or a
-// class losing its last node. (So no selector loses its last address: a
-// class is keyed by the selectors naming its nodes, so a selector's
-// addresses are all of its classes' members. Rules and source lists
-// never disappear.)
+// Compile: a node that routes or is absent, or a policy with via grants.
 //
 // RemoveNodes needs exclusive access to c.
 func (c *Compiled) RemoveNodes(ids []uint64) (changed []int, ok bool) {
@@ -85,23 +87,16 @@ func (c *Compiled) ClassSees(viewerID uint64, ci int) bool {
 // the node selectors naming them.
 func (cp *compiler) canRemove(ids []uint64) (gone []int, sets map[int]*netipx.IPSet, ok bool) {
 	c := cp.c
-	left := map[int]int{} // class -> members removed
 	for _, id := range ids {
 		i, ok := c.byID[id]
 		if !ok || len(c.nodes[i].ApprovedRoutes) > 0 {
 			return nil, nil, false
 		}
 		gone = append(gone, i)
-		left[c.classOf[i]]++
 	}
 	slices.Sort(gone)
 	if len(slices.Compact(gone)) != len(ids) {
 		return nil, nil, false
-	}
-	for ci, k := range left {
-		if k >= len(c.classes[ci].members) {
-			return nil, nil, false
-		}
 	}
 	builders := map[int]*netipx.IPSetBuilder{}
 	for _, i := range gone {
@@ -130,8 +125,8 @@ func (cp *compiler) canRemove(ids []uint64) (gone []int, sets map[int]*netipx.IP
 
 // removeSSHSources takes the nodes gone (indices, ascending, still in
 // place) out of the SSH rules' sources and re-emits the parts they were
-// in, adding the classes receiving those parts to touch. No part loses its
-// last source: that would have emptied a class, which canRemove refuses.
+// in, adding the classes receiving those parts to touch. A part left
+// without sources goes, as Compile would not have emitted it.
 func (cp *compiler) removeSSHSources(gone []int, touch *bitset) {
 	c := cp.c
 	out := map[*tailcfg.SSHPrincipal]bool{}
@@ -156,15 +151,49 @@ func (cp *compiler) removeSSHSources(gone []int, touch *bitset) {
 	for _, st := range cp.ssh {
 		var dirty bool
 		if st.principals, dirty = drop(st.principals); dirty {
-			st.all = st.emit(st.principals, st.common)
+			st.all = nil
+			if len(st.principals) > 0 {
+				st.all = st.emit(st.principals, st.common)
+			}
 			touch.orGrow(st.dstCl)
 		}
-		for _, g := range slices.Concat(st.users, st.tagged) {
-			var d bool
-			if g.principals, d = drop(g.principals); d {
+		reorder := false
+		for _, groups := range [2]*[]*sshGroup{&st.users, &st.tagged} {
+			*groups = slices.DeleteFunc(*groups, func(g *sshGroup) bool {
+				first := g.principals[0]
+				var d bool
+				if g.principals, d = drop(g.principals); !d {
+					return false
+				}
 				cp.reemit(st, g, touch)
-			}
+				if len(g.principals) == 0 {
+					delete(st.byUser, g.user)
+					delete(st.byClass, g.class)
+					return true
+				}
+				reorder = reorder || g.principals[0] != first
+				return false
+			})
 		}
+		if reorder && len(st.localDomains) > 0 {
+			cp.sortGroups(st)
+		}
+	}
+}
+
+// sortGroups puts an SSH rule's parts back in the order of their first
+// source node, which a leave of a part's first node may have changed. Only
+// rules with localpart users send every part to one class, so only their
+// order shows.
+func (cp *compiler) sortGroups(st *sshState) {
+	at := map[*tailcfg.SSHPrincipal]int{}
+	for i, pr := range cp.c.principals {
+		if len(pr) > 0 {
+			at[pr[0]] = i
+		}
+	}
+	for _, groups := range [2][]*sshGroup{st.users, st.tagged} {
+		slices.SortStableFunc(groups, func(a, b *sshGroup) int { return at[a.principals[0]] - at[b.principals[0]] })
 	}
 }
 
@@ -196,11 +225,17 @@ func (c *Compiled) compact(gone []int) {
 		c.byID[c.nodes[i].ID] = i
 	}
 	for _, cl := range c.classes {
+		had := len(cl.members) > 0
 		cl.members = slices.DeleteFunc(cl.members, func(i int) bool { return !keep(i) })
 		for j, i := range cl.members {
 			cl.members[j] = newIdx[i]
 		}
-		cl.rep = cl.members[0]
+		if len(cl.members) > 0 {
+			cl.rep = cl.members[0]
+		} else if had {
+			cl.rep = -1
+			cp.empty++
+		}
 	}
 	for p, i := range c.primary {
 		c.primary[p] = newIdx[i]
@@ -208,6 +243,12 @@ func (c *Compiled) compact(gone []int) {
 	for k, i := range c.viaPrimary {
 		c.viaPrimary[k] = newIdx[i]
 	}
+}
+
+// empty reports a piece whose source lists leaves all emptied: it builds
+// no rule, and Compile would not have made it.
+func (pc *piece) empty() bool {
+	return !slices.ContainsFunc(pc.srcs, func(l *srcList) bool { return len(l.ips) > 0 })
 }
 
 // compactSlice keeps the elements whose index keep accepts, in order.

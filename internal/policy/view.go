@@ -57,7 +57,7 @@ func (c *Compiled) FilterShared(nodeID uint64) bool {
 		return false
 	}
 	for _, pc := range c.classes[c.classOf[i]].pieces {
-		if pc.caps != nil || len(pc.selfPorts) > 0 {
+		if (pc.caps != nil || len(pc.selfPorts) > 0) && !pc.empty() {
 			return false
 		}
 	}
