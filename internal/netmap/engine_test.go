@@ -91,6 +91,15 @@ func (f *benchFixture) join(t *testing.T, n benchNode) uint64 {
 	return res.Node.ID
 }
 
+// leave deletes node id and runs the batch that removes it.
+func (f *benchFixture) leave(t *testing.T, id uint64) {
+	t.Helper()
+	if err := f.st.DeleteNode(context.Background(), id); err != nil {
+		t.Fatal(err)
+	}
+	f.e.process(map[uint64]struct{}{id: {}}, false, false)
+}
+
 // TestJoinBurstSyncsFiltersOnce: in a burst of joins, the filters and SSH
 // policies of connected nodes are brought up to date at most once per
 // policySyncEvery, or twice the last sync's time when that is longer;
@@ -339,10 +348,7 @@ func TestLeaveUpdatesInPlace(t *testing.T) {
 	leave := func(id uint64) map[uint64][]tailcfg.MapResponse {
 		t.Helper()
 		f.e.lastSync = time.Time{}
-		if err := f.st.DeleteNode(context.Background(), id); err != nil {
-			t.Fatal(err)
-		}
-		f.e.process(map[uint64]struct{}{id: {}}, false, false)
+		f.leave(t, id)
 		if f.e.compiled != compiled {
 			t.Fatalf("node %d leaving recompiled the policy", id)
 		}

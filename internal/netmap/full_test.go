@@ -78,7 +78,7 @@ func mustJSON(t *testing.T, v any) string {
 }
 
 // TestConcurrentFullMapsDuringJoins builds full maps from several
-// goroutines while batches of joins run, as a reconnect storm during
+// goroutines while batches of joins and leaves run, as a reconnect storm during
 // joins does: classes' peers are then built outside the engine lock
 // (buildClassFullLocked). Run with -race. Afterwards every cached class must
 // give the map a fresh build gives: a build that read a view newer than
@@ -113,10 +113,15 @@ func TestConcurrentFullMapsDuringJoins(t *testing.T) {
 			}
 		})
 	}
+	var joined []uint64
 	for round := range 40 {
-		f.join(t, benchNode{user: round % 6})
+		joined = append(joined, f.join(t, benchNode{user: round % 6}))
 		if round%4 == 3 {
-			f.join(t, benchNode{user: 0, tags: []string{"tag:secret"}})
+			joined = append(joined, f.join(t, benchNode{user: 0, tags: []string{"tag:secret"}}))
+		}
+		if round%5 == 4 {
+			// Leaves change the compilation in place too.
+			f.leave(t, joined[len(joined)-2])
 		}
 	}
 	close(stop)
