@@ -272,7 +272,7 @@ func prepareTailnetBench(ctx context.Context, c *admin.Client, tn *benchTailnet,
 
 	nodes := tn.Nodes[:o.N]
 	o.Client = func(i int) bench.ClientSpec {
-		return bench.ClientSpec{Hostname: nodes[i].Hostname, AuthKey: keys[i]}
+		return bench.ClientSpec{Hostname: nodes[i].Hostname, AuthKey: keys[i], Routes: nodes[i].Routes}
 	}
 	o.Expect = func(ctx context.Context) (func(int) int, error) {
 		return tailnetExpectations(ctx, c, nodes, log)

@@ -102,8 +102,9 @@ func startTailplane(t *testing.T) (url, dataDir string) {
 }
 
 // A generated tailnet against a real tailplane: every node registers with
-// its user and tags, and every observer ends up with exactly the peers the
-// policy gives it over the addresses the server assigned.
+// its user, tags and advertised routes (user routers' approved by the
+// policy's autoApprovers), and every observer ends up with exactly the
+// peers the policy gives it over the addresses and routes the server has.
 func TestBenchTailnetAgainstTailplane(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs a server and 60 clients")
@@ -113,7 +114,7 @@ func TestBenchTailnetAgainstTailplane(t *testing.T) {
 	dir := t.TempDir()
 	root := newRoot()
 	root.SetArgs([]string{"bench", "policy", "--out", dir, "--nodes", "60", "--users", "60", "--tags", "40",
-		"--groups", "30", "--hosts", "10", "--rules", "200", "--self-rules", "5", "--ssh-rules", "4"})
+		"--groups", "30", "--hosts", "10", "--rules", "200", "--self-rules", "5", "--ssh-rules", "4", "--routers", "6"})
 	root.SetErr(&bytes.Buffer{})
 	if err := root.Execute(); err != nil {
 		t.Fatal(err)
@@ -173,11 +174,22 @@ func TestBenchTailnetAgainstTailplane(t *testing.T) {
 	if len(nodes) != n {
 		t.Errorf("server has %d nodes, want %d", len(nodes), n)
 	}
+	routers := 0
 	for _, sn := range nodes {
 		bn, ok := want[sn.Hostname]
-		if !ok || sn.User != bn.User || !slices.Equal(sn.Tags, bn.Tags) {
-			t.Errorf("node %q: user %q tags %v; tailnet wants %+v", sn.Hostname, sn.User, sn.Tags, bn)
+		if !ok || sn.User != bn.User || !slices.Equal(sn.Tags, bn.Tags) || !slices.Equal(sn.AdvertisedRoutes, bn.Routes) {
+			t.Errorf("node %q: user %q tags %v routes %v; tailnet wants %+v", sn.Hostname, sn.User, sn.Tags, sn.AdvertisedRoutes, bn)
 		}
+		// The policy's autoApprovers approve user routers' routes.
+		if len(bn.Routes) > 0 && len(bn.Tags) == 0 {
+			routers++
+			if !slices.Equal(sn.ApprovedRoutes, bn.Routes) {
+				t.Errorf("router %q owned by %s: approved routes %v, want %v", sn.Hostname, sn.User, sn.ApprovedRoutes, bn.Routes)
+			}
+		}
+	}
+	if routers == 0 {
+		t.Error("no user-owned router among the first 6 nodes: the routes prove nothing")
 	}
 }
 

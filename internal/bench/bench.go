@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"net/url"
 	"os"
 	"strings"
@@ -123,9 +124,10 @@ type Options struct {
 // ClientSpec holds per-client overrides returned by Options.Client. Empty
 // fields fall back to the run-wide settings.
 type ClientSpec struct {
-	Hostname string   // default "bench-<i>"
-	Tags     []string // default Options.Tags
-	AuthKey  string   // default: from AuthKey, KeysFile or CreateKeys
+	Hostname string         // default "bench-<i>"
+	Tags     []string       // default Options.Tags
+	AuthKey  string         // default: from AuthKey, KeysFile or CreateKeys
+	Routes   []netip.Prefix // subnet routes to advertise (Hostinfo.RoutableIPs)
 }
 
 const (
@@ -318,6 +320,7 @@ func newRunner(opts Options, t *target, keys []string) *runner {
 			if o.AuthKey != "" {
 				spec.AuthKey = o.AuthKey
 			}
+			spec.Routes = o.Routes
 		}
 		r.clients[i] = &client{
 			r:       r,

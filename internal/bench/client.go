@@ -255,6 +255,7 @@ func (c *client) hostinfo() *tailcfg.Hostinfo {
 		OS:          "linux",
 		IPNVersion:  version.Long(),
 		RequestTags: c.spec.Tags,
+		RoutableIPs: c.spec.Routes,
 	}
 }
 
