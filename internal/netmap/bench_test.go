@@ -417,6 +417,10 @@ func BenchmarkAddNodeTo10k(b *testing.B) {
 		// A user node joining the 15,000-rule tailnet: no assertion on
 		// receivers (the policy decides), only the cost.
 		{name: "policy=generated-15k", tn: gen, joiner: benchNode{user: 1}},
+		// A subnet router (approved by the policy's autoApprovers) joining
+		// it: routers still recompile the policy.
+		{name: "policy=generated-15k/router", tn: gen,
+			joiner: benchNode{user: 1, routes: []netip.Prefix{netip.MustParsePrefix("10.250.0.0/16")}}},
 	}
 	for _, tc := range cases {
 		b.Run(tc.name, func(b *testing.B) {
@@ -438,7 +442,7 @@ func BenchmarkAddNodeTo10k(b *testing.B) {
 				}
 			}
 			ctx := context.Background()
-			hi := &tailcfg.Hostinfo{Hostname: "joiner", OS: "linux"}
+			hi := &tailcfg.Hostinfo{Hostname: "joiner", OS: "linux", RoutableIPs: tc.joiner.routes}
 			params := func() state.RegisterParams {
 				return state.RegisterParams{MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
 					AuthKey: f.keys[keyOf(tc.joiner.user, tc.joiner.tags)], Hostinfo: hi}
