@@ -1,39 +1,49 @@
 package netmap
 
 import (
-	"slices"
 	"testing"
 
 	"github.com/tailplane/tailplane/internal/policy"
+	"github.com/tailplane/tailplane/internal/policy/policygen"
 )
 
-func TestCursorSkipsSelfAndInsertsRepresentative(t *testing.T) {
-	list := []policy.Peer{{ID: 1}, {ID: 2}, {ID: 4}, {ID: 5}}
-	for _, tc := range []struct {
-		skip uint64
-		ins  uint64
-		want []uint64
-	}{
-		{skip: 4, ins: 3, want: []uint64{1, 2, 3, 5}},
-		{skip: 1, ins: 9, want: []uint64{2, 4, 5, 9}},
-		{skip: 5, ins: 0, want: []uint64{1, 2, 4}},
-		{skip: 0, ins: 0, want: []uint64{1, 2, 4, 5}},
-	} {
-		c := &cursor{l: list, skip: tc.skip}
-		if tc.ins != 0 {
-			c.ins = &policy.Peer{ID: tc.ins}
-		}
-		var got []uint64
-		for {
-			p, ok := c.peek()
+// TestCursorIsPeers: a session's cursor walks exactly its node's peers,
+// as Compiled.Peers gives them, for nodes of classes that see their own
+// members and of classes that do not, routers included.
+func TestCursorIsPeers(t *testing.T) {
+	src, users, nodes := policygen.Generate(policygen.Options{Seed: 5, Nodes: 120, Users: 12, Tags: 10, Groups: 6,
+		Hosts: 6, Rules: 100, SelfRules: 3, SSHRules: 2, Tagged: 0.4, Routers: 4})
+	pol, err := policy.Parse(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := pol.Compile(users, nodes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cv := newClassViews(c)
+	selfSeeing := 0
+	for _, n := range nodes {
+		var got []policy.Peer
+		for cur := cv.cursor(n.ID); ; cur.next() {
+			p, ok := cur.peek()
 			if !ok {
 				break
 			}
-			got = append(got, p.ID)
-			c.next()
+			got = append(got, p)
 		}
-		if !slices.Equal(got, tc.want) {
-			t.Errorf("skip %d ins %d: got %v, want %v", tc.skip, tc.ins, got, tc.want)
+		want := c.Peers(n.ID)
+		if !equalPeerLists(got, want) {
+			t.Fatalf("node %d: cursor walks %v, Peers gives %v", n.ID, got, want)
 		}
+		if len(c.ClassPeers(n.ID)) > len(want) {
+			selfSeeing++
+		}
+	}
+	if selfSeeing == 0 || selfSeeing == len(nodes) {
+		t.Fatalf("%d of %d nodes are in classes that see themselves: the test needs both kinds", selfSeeing, len(nodes))
+	}
+	if cur := cv.cursor(99999); func() bool { _, ok := cur.peek(); return ok }() {
+		t.Fatal("a node not in the compilation has peers")
 	}
 }

@@ -83,7 +83,7 @@ func (f *benchFixture) join(t *testing.T, n benchNode) uint64 {
 		f.keys[keyOf(n.user, n.tags)] = k
 	}
 	res, err := f.st.Register(ctx, state.RegisterParams{MachineKey: key.NewMachine().Public(), NodeKey: key.NewNode().Public(),
-		AuthKey: k, Hostinfo: &tailcfg.Hostinfo{Hostname: "joiner"}})
+		AuthKey: k, Hostinfo: &tailcfg.Hostinfo{Hostname: "joiner", RoutableIPs: n.routes}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -399,5 +399,90 @@ func TestLeaveUpdatesInPlace(t *testing.T) {
 		if !deleted {
 			t.Fatalf("tag:srv node %d: the chunk of tag:lone's rule was not deleted: %+v", id, got[id])
 		}
+	}
+}
+
+// TestFullBatchesKeepSessionsInStep: a router joining, and then a policy
+// edit, are full batches (the policy is recompiled and every session's
+// view diffed). After each, every session, applying what it received to
+// the peers it held, holds exactly the peers it now has, seen the same
+// way: the new router with its route where the policy gives it, then the
+// route gone where the edit takes it away, and nothing resent for peers
+// whose view did not change.
+func TestFullBatchesKeepSessionsInStep(t *testing.T) {
+	const pol = `{
+  "tagOwners": {"tag:srv": ["user0@example.com"]},
+  "autoApprovers": {"routes": {"10.0.0.0/8": ["autogroup:member"]}},
+  "acls": [
+    {"action": "accept", "src": ["user0@example.com"], "dst": ["tag:srv:22", "10.1.0.0/16:*"]},
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:80"]}
+  ]
+}`
+	tn := smallTailnet([]byte(pol), 3, 30, func(i int) bool { return i%6 == 0 }, "tag:srv")
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	type view map[uint64][]netip.Prefix
+	held := map[uint64]view{}
+	for id := range f.sessions {
+		v := view{}
+		for _, p := range f.e.compiled.Peers(id) {
+			v[p.ID] = p.AllowedIPs
+		}
+		held[id] = v
+	}
+	// check applies what each session received and compares; it returns
+	// how many sessions hold the router with its route, and how many got
+	// no peer change.
+	check := func(what string, router uint64) (withRoute, unchanged int) {
+		t.Helper()
+		for id, s := range f.sessions {
+			v, got := held[id], 0
+			for _, m := range collect(t, s) {
+				for _, p := range m.PeersChanged {
+					v[uint64(p.ID)] = p.AllowedIPs
+					got++
+				}
+				for _, pid := range m.PeersRemoved {
+					delete(v, uint64(pid))
+					got++
+				}
+			}
+			want := f.e.compiled.Peers(id)
+			if len(v) != len(want) {
+				t.Fatalf("%s: node %d holds %d peers, has %d", what, id, len(v), len(want))
+			}
+			for _, p := range want {
+				if a, ok := v[p.ID]; !ok || !slices.Equal(a, p.AllowedIPs) {
+					t.Fatalf("%s: node %d holds peer %d as %v (held %v), has it as %v", what, id, p.ID, a, ok, p.AllowedIPs)
+				}
+				if p.ID == router && len(p.AllowedIPs) == 3 {
+					withRoute++
+				}
+			}
+			if got > 1 {
+				t.Fatalf("%s: node %d got %d peer changes, want at most 1 (the router)", what, id, got)
+			}
+			if got == 0 {
+				unchanged++
+			}
+		}
+		return withRoute, unchanged
+	}
+
+	router := f.join(t, benchNode{user: 1, routes: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
+	if r := f.st.Node(router); len(r.ApprovedRoutes) != 1 {
+		t.Fatalf("router's routes were not approved: %v", r.ApprovedRoutes)
+	}
+	withRoute, unchanged := check("router joined", router)
+	if withRoute == 0 || unchanged == 0 {
+		t.Fatalf("router joined: %d sessions see its route, %d got no peer change: the test needs both", withRoute, unchanged)
+	}
+
+	if err := f.st.SetPolicy(context.Background(), []byte(strings.Replace(pol, `, "10.1.0.0/16:*"`, "", 1))); err != nil {
+		t.Fatal(err)
+	}
+	f.e.process(nil, true, false)
+	if withRoute, _ = check("route taken out of the policy", router); withRoute != 0 {
+		t.Fatalf("route taken out of the policy: %d sessions still see the router's route", withRoute)
 	}
 }
