@@ -193,20 +193,20 @@ func (e *Engine) batchPeersLocked(ss *sessState, b *batch, d *update) {
 }
 
 // sameView reports whether node v's class sees exactly the same peers,
-// the same way, under the previous and the new compilation. It is decided
-// once per pair of classes, so a policy edit that changes a few classes'
-// views does not walk every session's peer list.
-func (b *batch) sameView(v uint64) bool {
-	if b.prevCompiled == nil || b.newCompiled == nil {
+// the same way, under the previous and the new compilation (oldV, newV).
+// It is decided once per pair of classes, so a policy edit that changes a
+// few classes' views does not walk every session's peer list.
+func (b *batch) sameView(v uint64, oldV, newV *classViews) bool {
+	if oldV.c == nil || newV.c == nil {
 		return false
 	}
-	k := [2]int{b.prevCompiled.ClassOf(v), b.newCompiled.ClassOf(v)}
+	k := [2]int{oldV.c.ClassOf(v), newV.c.ClassOf(v)}
 	if k[0] < 0 || k[1] < 0 {
 		return false
 	}
 	same, ok := b.same[k]
 	if !ok {
-		same = equalPeerLists(b.prevCompiled.ClassPeers(v), b.newCompiled.ClassPeers(v))
+		same = equalPeerLists(oldV.classPeers(v, k[0]), newV.classPeers(v, k[1]))
 		b.same[k] = same
 	}
 	return same
@@ -254,12 +254,18 @@ func (cv *classViews) cursor(v uint64) *cursor {
 	if cl < 0 {
 		return &cursor{}
 	}
+	return &cursor{l: cv.classPeers(v, cl), skip: v}
+}
+
+// classPeers returns the peer list of class cl, of which v is a member,
+// once per class.
+func (cv *classViews) classPeers(v uint64, cl int) []policy.Peer {
 	l, ok := cv.list[cl]
 	if !ok {
 		l = cv.c.ClassPeers(v)
 		cv.list[cl] = l
 	}
-	return &cursor{l: l, skip: v}
+	return l
 }
 
 // peek returns the next peer without consuming it.
@@ -282,7 +288,7 @@ func (e *Engine) diffAllLocked(ss *sessState, b *batch, oldV, newV *classViews) 
 	var d update
 	me := ss.s.NodeID
 	e.filterAndSelf(ss, b, &d, true)
-	if len(b.prev) == 0 && b.sameView(me) {
+	if len(b.prev) == 0 && b.sameView(me, oldV, newV) {
 		// A policy or user change that left this class's view as it was:
 		// only the filter and SSH policy can differ.
 		return d.result()

@@ -260,10 +260,8 @@ type batch struct {
 	// patches caches each changed peer's patch: it depends only on the
 	// peer's old and new version, so every session shares it.
 	patches map[uint64]*session.Patch
-	// newCompiled is the compilation after the batch; same caches
-	// sameView per (previous class, new class).
-	newCompiled *policy.Compiled
-	same        map[[2]int]bool
+	// same caches sameView per (previous class, new class).
+	same map[[2]int]bool
 	// syncAll: the policy was recompiled, so every session compares its
 	// whole filter and SSH policy. Otherwise sync holds the classes whose
 	// sessions get the filter chunks changed since they last synced and
@@ -406,7 +404,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		e.viewGen++ // encodings or views changed: cached full-map peers are stale
 		e.recordViewStepLocked(b)
 	}
-	b.newCompiled, b.same = e.compiled, map[[2]int]bool{}
+	b.same = map[[2]int]bool{}
 	var oldViews, newViews *classViews
 	if b.full {
 		oldViews, newViews = newClassViews(b.prevCompiled), newClassViews(e.compiled)
