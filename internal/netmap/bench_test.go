@@ -364,8 +364,11 @@ var scopedPolicy = []byte(`{
 
 // generatedTailnet maps policygen's users and nodes (tags, owners,
 // routers) onto registrations: user i is policygen's user i+1.
-func generatedTailnet() (benchTailnet, []byte) {
-	pol, users, nodes := policygen.Generate(policygen.Default())
+func generatedTailnet() (benchTailnet, []byte) { return generatedTailnetOf(policygen.Default()) }
+
+// generatedTailnetOf is generatedTailnet for other options.
+func generatedTailnetOf(opts policygen.Options) (benchTailnet, []byte) {
+	pol, users, nodes := policygen.Generate(opts)
 	tn := benchTailnet{policy: pol}
 	for _, u := range users {
 		tn.users = append(tn.users, u.Name)

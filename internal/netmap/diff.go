@@ -2,7 +2,9 @@ package netmap
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
+	"maps"
 	"slices"
 
 	"github.com/tailplane/tailplane/internal/policy"
@@ -18,6 +20,14 @@ type update struct {
 	// storm (growing the maps was a ninth of the bytes the server
 	// allocated in one under the 15,000-rule policy).
 	peers, patches int
+	// list records the changed peers' encodings, in the order added, for
+	// a shared delta's chunks (chunkPeersLocked).
+	list []changedPeer
+}
+
+type changedPeer struct {
+	id  uint64
+	enc *encoded
 }
 
 // changed adds a peer's new encoding, and its owner's profile.
@@ -26,6 +36,7 @@ func (d *update) changed(e *Engine, pn *state.Node, enc *encoded) {
 		d.u.PeersChanged = make(map[uint64]json.RawMessage, d.peers)
 	}
 	d.u.PeersChanged[pn.ID] = enc.full
+	d.list = append(d.list, changedPeer{pn.ID, enc})
 	uid := ownerID(pn)
 	if _, ok := d.u.UserProfiles[uint64(uid)]; !ok {
 		if pj := e.profileJSONLocked(uid); pj != nil {
@@ -77,6 +88,41 @@ func (d *update) result() *session.Update {
 		return nil
 	}
 	return u
+}
+
+// minChunkedPeers is the least number of changed peers a shared delta
+// carries as chunks (chunkPeersLocked).
+const minChunkedPeers = 8
+
+// chunkPeersLocked sets u.PeerChunks from its changed peers' encodings:
+// one chunk per node-ID span, shared (through the chunk cache) by every
+// delta that carries the same peers of that span the same way. In a join
+// storm under the generated 15,000-rule policy each of about 2,000
+// distinct class deltas per batch held most of the batch's joined nodes,
+// and compressing each whole was a seventh of the server's CPU; classes
+// see a span's joined nodes in far fewer ways than they see the batch.
+func (e *Engine) chunkPeersLocked(u *session.Update, peers []changedPeer) {
+	if len(peers) < minChunkedPeers || len(peers) != len(u.PeersChanged) {
+		return
+	}
+	byID := func(a, b changedPeer) int { return cmp.Compare(a.id, b.id) }
+	if !slices.IsSortedFunc(peers, byID) {
+		slices.SortFunc(peers, byID)
+	}
+	var chunks []*session.Chunk
+	for rest := peers; len(rest) > 0; {
+		span, k := rest[0].id/chunkSpan, 1
+		for k < len(rest) && rest[k].id/chunkSpan == span {
+			k++
+		}
+		encs := make([]*encoded, k)
+		for i := range encs {
+			encs[i] = rest[i].enc
+		}
+		chunks = append(chunks, e.chunk(encs, len(chunks) == 0))
+		rest = rest[k:]
+	}
+	u.PeerChunks = chunks
 }
 
 // filterAndSelf adds the session's own node, and its filter and SSH policy
@@ -192,132 +238,135 @@ func (e *Engine) batchPeersLocked(ss *sessState, b *batch, d *update) {
 	}
 }
 
-// sameView reports whether node v's class sees exactly the same peers,
-// the same way, under the previous and the new compilation (oldV, newV).
-// It is decided once per pair of classes, so a policy edit that changes a
-// few classes' views does not walk every session's peer list.
-func (b *batch) sameView(v uint64, oldV, newV *classViews) bool {
-	if oldV.c == nil || newV.c == nil {
-		return false
-	}
-	k := [2]int{oldV.c.ClassOf(v), newV.c.ClassOf(v)}
-	if k[0] < 0 || k[1] < 0 {
-		return false
-	}
-	same, ok := b.same[k]
-	if !ok {
-		same = equalPeerLists(oldV.classPeers(v, k[0]), newV.classPeers(v, k[1]))
-		b.same[k] = same
-	}
-	return same
-}
-
-func equalPeerLists(a, c []policy.Peer) bool {
-	return slices.EqualFunc(a, c, equalPeer)
-}
-
 // equalPeer reports whether two views of a peer are the same.
 func equalPeer(a, c policy.Peer) bool {
 	return a.ID == c.ID && equalPrefixes(a.AllowedIPs, c.AllowedIPs) && equalPrefixes(a.PrimaryRoutes, c.PrimaryRoutes)
 }
 
-// classViews gives each session's peer list under one compilation from
-// its class's shared list (policy.Compiled.ClassPeers), so a full diff
-// costs O(peers) per session, builds no list per session or class, and
-// keeps no per-session state.
-type classViews struct {
-	c    *policy.Compiled
-	list map[int][]policy.Peer // by class: ClassPeers costs O(peers) even when cached
+// fullDiff is a full batch's diff of the previous and the new
+// compilation, computed once per pair of a session's previous and new
+// class: members of a class see the same peers, so every session of a
+// pair gets the same peer changes (less its own node), as one shared
+// update. Visibility is a bit lookup per node (policy.NodeViews), and
+// views are compared only for nodes that changed or that a class may see
+// other than plainly. Diffing each session's walk of both compilations'
+// peer lists made a router joining the generated 15,000-rule tailnet of
+// 10,000 nodes cost the engine 28-31 s (half building those lists for
+// both compilations, a fifth walking them per session).
+type fullDiff struct {
+	ids      []uint64 // every node of either compilation, sorted
+	touched  []bool   // by position: the batch changed, added or removed it
+	old, cur *policy.NodeViews
+	pairs    map[[2]int]*session.Update
+	same     sameDeltas
 }
 
-func newClassViews(c *policy.Compiled) *classViews {
-	return &classViews{c: c, list: map[int][]policy.Peer{}}
-}
-
-// cursor walks node v's peer list (sorted by id) without building it:
-// members of a class see the same peers, so v's list is its class's list
-// (which holds the members when the class sees itself) without v. A full
-// diff over 10,000 sessions used to copy a list per session: about 11 GB
-// per policy edit at 10,000 nodes; and one per class (Compiled.Peers of a
-// representative), a third of a router join's diff.
-type cursor struct {
-	l    []policy.Peer
-	i    int
-	skip uint64
-}
-
-func (cv *classViews) cursor(v uint64) *cursor {
-	if cv.c == nil {
-		return &cursor{}
+func (e *Engine) newFullDiff(b *batch) *fullDiff {
+	ids := make([]uint64, 0, len(e.nodes)+len(b.removed))
+	for id := range e.nodes {
+		ids = append(ids, id)
 	}
-	cl := cv.c.ClassOf(v)
-	if cl < 0 {
-		return &cursor{}
+	ids = append(ids, b.removed...)
+	slices.Sort(ids)
+	fd := &fullDiff{ids: ids, touched: make([]bool, len(ids)), pairs: map[[2]int]*session.Update{}, same: sameDeltas{}}
+	for k, id := range ids {
+		fd.touched[k] = b.touches(id)
 	}
-	return &cursor{l: cv.classPeers(v, cl), skip: v}
+	if e.compiled != nil {
+		fd.cur = e.compiled.NodeViews(ids)
+	}
+	if b.prevCompiled != nil {
+		fd.old = b.prevCompiled.NodeViews(ids)
+	}
+	return fd
 }
 
-// classPeers returns the peer list of class cl, of which v is a member,
-// once per class.
-func (cv *classViews) classPeers(v uint64, cl int) []policy.Peer {
-	l, ok := cv.list[cl]
-	if !ok {
-		l = cv.c.ClassPeers(v)
-		cv.list[cl] = l
+// classOf returns node id's class under c, or -1.
+func classOf(c *policy.Compiled, id uint64) int {
+	if c == nil {
+		return -1
 	}
-	return l
+	return c.ClassOf(id)
 }
 
-// peek returns the next peer without consuming it.
-func (c *cursor) peek() (policy.Peer, bool) {
-	for c.i < len(c.l) && c.l[c.i].ID == c.skip {
-		c.i++
+// pairDeltaLocked returns the peer changes of a session whose class was
+// oc (-1: none) and is nc, including the session's own node if it is
+// among them; nil when there are none. It is computed once per pair.
+func (e *Engine) pairDeltaLocked(b *batch, fd *fullDiff, oc, nc int) *session.Update {
+	k := [2]int{oc, nc}
+	if u, ok := fd.pairs[k]; ok {
+		return u
 	}
-	if c.i < len(c.l) {
-		return c.l[c.i], true
-	}
-	return policy.Peer{}, false
-}
-
-// next consumes the peer peek returned.
-func (c *cursor) next() { c.i++ }
-
-// diffAllLocked diffs a session's whole view between the previous and the
-// new compilation: peers that appeared, disappeared or changed.
-func (e *Engine) diffAllLocked(ss *sessState, b *batch, oldV, newV *classViews) *session.Update {
 	var d update
-	me := ss.s.NodeID
-	e.filterAndSelf(ss, b, &d, true)
-	if len(b.prev) == 0 && b.sameView(me, oldV, newV) {
-		// A policy or user change that left this class's view as it was:
-		// only the filter and SSH policy can differ.
-		return d.result()
-	}
-	olds, news := oldV.cursor(me), newV.cursor(me)
-	for {
-		op, okOld := olds.peek()
-		np, okNew := news.peek()
+	for i, id := range fd.ids {
+		was := oc >= 0 && fd.old.Sees(oc, i)
+		is := nc >= 0 && fd.cur.Sees(nc, i)
 		switch {
-		case !okOld && !okNew:
-			return d.result()
-		case !okNew || (okOld && op.ID < np.ID):
-			d.removed(op.ID)
-			olds.next()
-		case !okOld || np.ID < op.ID:
-			pn := e.nodes[np.ID]
-			d.changed(e, pn, e.peerJSON(pn, np.AllowedIPs, np.PrimaryRoutes))
-			news.next()
-		default:
-			// A peer that did not change, seen the same way, has the same
-			// encoding: skip the lookups. Most peers of most sessions are
-			// such when a router joins (two lookups per session and peer
-			// were a third of a router join at 10,000 nodes).
-			if b.touches(np.ID) || !equalPeer(op, np) {
-				old, cur := e.oldNode(b, np.ID), e.nodes[np.ID]
-				d.peer(e, b, old, cur, e.peerJSON(old, op.AllowedIPs, op.PrimaryRoutes), e.peerJSON(cur, np.AllowedIPs, np.PrimaryRoutes))
+		case was && !is:
+			d.removed(id)
+		case is && !was:
+			if pn := e.nodes[id]; pn != nil {
+				p := fd.cur.View(nc, i)
+				d.changed(e, pn, e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes))
 			}
-			olds.next()
-			news.next()
+		case was && is:
+			if !fd.touched[i] && fd.old.Plain(oc, i) && fd.cur.Plain(nc, i) {
+				continue
+			}
+			op, np := fd.old.View(oc, i), fd.cur.View(nc, i)
+			old, cur := e.oldNode(b, id), e.nodes[id]
+			if old == nil || cur == nil || !fd.touched[i] && equalPeer(op, np) {
+				continue
+			}
+			d.peer(e, b, old, cur, e.peerJSON(old, op.AllowedIPs, op.PrimaryRoutes), e.peerJSON(cur, np.AllowedIPs, np.PrimaryRoutes))
 		}
+	}
+	u := d.result()
+	if u != nil {
+		u.Shared = new(session.Encoded)
+		if v := fd.same.find(u); v != u {
+			u = v
+		} else {
+			e.chunkPeersLocked(u, d.list)
+		}
+	}
+	fd.pairs[k] = u
+	return u
+}
+
+// withoutPeer returns u less peer id, as a private update (nil if empty),
+// or u itself when it does not name id.
+func withoutPeer(u *session.Update, id uint64) *session.Update {
+	_, changed := u.PeersChanged[id]
+	_, removed := u.PeersRemoved[id]
+	_, patched := u.Patches[id]
+	if !changed && !removed && !patched {
+		return u
+	}
+	c := &session.Update{PeersChanged: maps.Clone(u.PeersChanged), PeersRemoved: maps.Clone(u.PeersRemoved),
+		Patches: maps.Clone(u.Patches), UserProfiles: u.UserProfiles}
+	delete(c.PeersChanged, id)
+	delete(c.PeersRemoved, id)
+	delete(c.Patches, id)
+	if len(c.PeersChanged) == 0 && len(c.PeersRemoved) == 0 && len(c.Patches) == 0 {
+		return nil
+	}
+	return c
+}
+
+// diffAllLocked pushes what a session must learn from a full batch: its
+// class pair's shared peer changes (less its own node), then its own
+// node, filter and SSH policy if they changed.
+func (e *Engine) diffAllLocked(ss *sessState, b *batch, fd *fullDiff) {
+	me := ss.s.NodeID
+	if u := e.pairDeltaLocked(b, fd, classOf(b.prevCompiled, me), classOf(e.compiled, me)); u != nil {
+		if u = withoutPeer(u, me); u != nil {
+			ss.s.Push(u)
+		}
+	}
+	var d update
+	e.filterAndSelf(ss, b, &d, true)
+	if u := d.result(); u != nil {
+		ss.s.Push(u)
 	}
 }

@@ -260,8 +260,6 @@ type batch struct {
 	// patches caches each changed peer's patch: it depends only on the
 	// peer's old and new version, so every session shares it.
 	patches map[uint64]*session.Patch
-	// same caches sameView per (previous class, new class).
-	same map[[2]int]bool
 	// syncAll: the policy was recompiled, so every session compares its
 	// whole filter and SSH policy. Otherwise sync holds the classes whose
 	// sessions get the filter chunks changed since they last synced and
@@ -404,10 +402,9 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		e.viewGen++ // encodings or views changed: cached full-map peers are stale
 		e.recordViewStepLocked(b)
 	}
-	b.same = map[[2]int]bool{}
-	var oldViews, newViews *classViews
+	var fd *fullDiff
 	if b.full {
-		oldViews, newViews = newClassViews(b.prevCompiled), newClassViews(e.compiled)
+		fd = e.newFullDiff(b)
 	}
 	// In an incremental batch, sessions of one class whose own node did
 	// not change get the same delta: compute it once per class, and let
@@ -418,9 +415,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	for id, ss := range e.sessions {
 		switch {
 		case b.full:
-			if u := e.diffAllLocked(ss, b, oldViews, newViews); u != nil {
-				ss.s.Push(u)
-			}
+			e.diffAllLocked(ss, b, fd)
 			continue
 		case b.touches(id):
 			if u := e.diffBatchLocked(ss, b); u != nil {
@@ -433,7 +428,12 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		m, ok := memo[cl]
 		if !ok {
 			m = e.classDeltaLocked(ss, b)
-			m.u = same.find(m.u)
+			if u := same.find(m.u); u != m.u {
+				m.u = u
+			} else if u != nil {
+				e.chunkPeersLocked(u, m.peers)
+			}
+			m.peers = nil
 			memo[cl] = m
 		} else if !m.skip && filters {
 			// Sessions of one class hold the same SSH policy (and
@@ -481,6 +481,8 @@ type classDelta struct {
 	sharedFilter bool
 	filterSum    uint64
 	ssh          json.RawMessage
+	// peers are u's changed peers, for its chunks.
+	peers []changedPeer
 }
 
 // classDeltaLocked computes the class-wide part of an incremental batch
@@ -510,6 +512,7 @@ func (e *Engine) classDeltaLocked(ss *sessState, b *batch) classDelta {
 	e.batchPeersLocked(ss, b, &d)
 	if m.u = d.result(); m.u != nil {
 		m.u.Shared = new(session.Encoded)
+		m.peers = d.list
 	}
 	return m
 }

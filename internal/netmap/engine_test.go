@@ -17,6 +17,7 @@ import (
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
+	"github.com/tailplane/tailplane/internal/policy/policygen"
 	"github.com/tailplane/tailplane/internal/session"
 	"github.com/tailplane/tailplane/internal/state"
 )
@@ -72,6 +73,15 @@ func smallTailnet(policy []byte, users, nodes int, tagged func(i int) bool, tag 
 // and runs the batch that publishes it.
 func (f *benchFixture) join(t *testing.T, n benchNode) uint64 {
 	t.Helper()
+	id := f.registerNode(t, n)
+	f.e.process(map[uint64]struct{}{id: {}}, false, false)
+	return id
+}
+
+// registerNode registers a node like n (with a reusable key of its user and
+// tags) without running a batch.
+func (f *benchFixture) registerNode(t *testing.T, n benchNode) uint64 {
+	t.Helper()
 	ctx := context.Background()
 	k, ok := f.keys[keyOf(n.user, n.tags)]
 	if !ok {
@@ -87,7 +97,6 @@ func (f *benchFixture) join(t *testing.T, n benchNode) uint64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.e.process(map[uint64]struct{}{res.Node.ID: {}}, false, false)
 	return res.Node.ID
 }
 
@@ -485,4 +494,143 @@ func TestFullBatchesKeepSessionsInStep(t *testing.T) {
 	if withRoute, _ = check("route taken out of the policy", router); withRoute != 0 {
 		t.Fatalf("route taken out of the policy: %d sessions still see the router's route", withRoute)
 	}
+}
+
+// TestJoinBatchPeersAsChunks: a batch of joins reaches each class as a
+// delta whose peers are shared chunks by node-ID span; every session
+// decodes exactly the joined nodes it sees, in id order, and sessions that
+// see none get nothing.
+func TestJoinBatchPeersAsChunks(t *testing.T) {
+	tn := smallTailnet(scopedPolicy, 3, 40, func(i int) bool { return i%10 == 7 }, "tag:ops")
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	var members, secrets []uint64
+	dirty := map[uint64]struct{}{}
+	for i := range 2*chunkSpan + 5 {
+		id := f.registerNode(t, benchNode{user: i % 3})
+		members = append(members, id)
+		dirty[id] = struct{}{}
+	}
+	for range 2 {
+		id := f.registerNode(t, benchNode{user: 0, tags: []string{"tag:secret"}})
+		secrets = append(secrets, id)
+		dirty[id] = struct{}{}
+	}
+	f.e.process(dirty, false, false)
+	for i, n := range tn.nodes {
+		id := f.ids[i]
+		want := members
+		if slices.Contains(n.tags, "tag:ops") {
+			want = secrets
+		}
+		var got []uint64
+		for _, m := range collect(t, f.sessions[id]) {
+			for _, p := range m.PeersChanged {
+				got = append(got, uint64(p.ID))
+			}
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("node %d (%v) got peers %v, want %v", id, n.tags, got, want)
+		}
+	}
+	bare := 0
+	for _, list := range f.e.chunks {
+		for _, ce := range list {
+			if ce.bare {
+				bare++
+				if len(ce.encs) == 0 || ce.chunk.JSON()[0] != '{' {
+					t.Fatalf("bare chunk %q", ce.chunk.JSON())
+				}
+			}
+		}
+	}
+	if bare != 1 {
+		t.Fatalf("%d bare chunks cached, want the one of the members' delta", bare)
+	}
+}
+
+// TestFullDiffKeepsViewsInStep: through full batches (a router joining, a
+// policy edit that changes a capability every peer view depends on, one
+// that drops rules, the router leaving), every session that applies what
+// it was sent holds exactly its peers, with their allowed IPs and primary
+// routes, as the compilation gives them.
+func TestFullDiffKeepsViewsInStep(t *testing.T) {
+	tn, pol := generatedTailnetOf(policygen.Options{Seed: 7, Nodes: 150, Users: 15, Tags: 10, Groups: 6, Hosts: 6,
+		Rules: 60, SelfRules: 3, SSHRules: 2, Tagged: 0.4, Routers: 6})
+	no4 := append([]byte(`{"nodeAttrs":[{"target":["tag:t1","user3@example.com"],"attr":["disable-ipv4"]}],`), pol[1:]...)
+	tn.policy = no4
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	type view struct{ allowed, primary []netip.Prefix }
+	held := map[uint64]map[uint64]view{}
+	for id := range f.sessions {
+		v := map[uint64]view{}
+		for _, p := range f.e.compiled.Peers(id) {
+			v[p.ID] = view{p.AllowedIPs, p.PrimaryRoutes}
+		}
+		held[id] = v
+	}
+	norm := func(ps []netip.Prefix) []netip.Prefix {
+		if len(ps) == 0 {
+			return nil
+		}
+		return ps
+	}
+	check := func(what string) (changed int) {
+		t.Helper()
+		for id, s := range f.sessions {
+			v := held[id]
+			for _, m := range collect(t, s) {
+				for _, p := range m.PeersChanged {
+					if uint64(p.ID) == id {
+						t.Fatalf("%s: node %d was sent itself as a peer", what, id)
+					}
+					v[uint64(p.ID)] = view{p.AllowedIPs, p.PrimaryRoutes}
+					changed++
+				}
+				for _, pid := range m.PeersRemoved {
+					delete(v, uint64(pid))
+					changed++
+				}
+			}
+			want := f.e.compiled.Peers(id)
+			if len(v) != len(want) {
+				t.Fatalf("%s: node %d holds %d peers, has %d", what, id, len(v), len(want))
+			}
+			for _, p := range want {
+				h, ok := v[p.ID]
+				if !ok || !slices.Equal(h.allowed, p.AllowedIPs) || !slices.Equal(norm(h.primary), norm(p.PrimaryRoutes)) {
+					t.Fatalf("%s: node %d holds peer %d as %+v (held %v), has it as %v %v", what, id, p.ID, h, ok, p.AllowedIPs, p.PrimaryRoutes)
+				}
+			}
+		}
+		return changed
+	}
+	setPolicy := func(what string, p []byte) {
+		t.Helper()
+		if err := f.st.SetPolicy(context.Background(), p); err != nil {
+			t.Fatal(err)
+		}
+		f.e.process(nil, true, false)
+		if check(what) == 0 {
+			t.Fatalf("%s: no session's peers changed: the step tests nothing", what)
+		}
+	}
+
+	router := f.join(t, benchNode{user: 1, routes: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
+	if check("a second router of 10.1.0.0/16 joined") == 0 {
+		t.Fatal("the router's join reached no session")
+	}
+	setPolicy("disable-ipv4 taken out", pol)
+	var doc map[string]any
+	if err := json.Unmarshal(pol, &doc); err != nil {
+		t.Fatal(err)
+	}
+	acls := doc["acls"].([]any)
+	doc["acls"] = acls[:len(acls)/2]
+	fewer, _ := json.Marshal(doc)
+	setPolicy("half the rules dropped", fewer)
+	setPolicy("disable-ipv4 back, all rules", no4)
+	f.leave(t, router)
+	check("the router left")
 }

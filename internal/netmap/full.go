@@ -29,6 +29,7 @@ const chunkSpan = 32
 // chunkEntry is a cached chunk: the peer encodings it holds, in order.
 type chunkEntry struct {
 	encs     []*encoded
+	bare     bool // no leading comma: the first chunk of a delta's peers
 	chunk    *session.Chunk
 	used     uint64    // batch number of last use
 	usedTime time.Time // time of last use
@@ -43,16 +44,19 @@ const (
 )
 
 // chunk returns the shared chunk holding exactly encs (each with a
-// leading comma), building it on first request. Two classes that see the
-// same peers the same way share it too. The caller holds mu or viewMu;
-// the JSON is put together outside cacheMu, so builders on other cores
-// are not held up by it.
-func (e *Engine) chunk(encs []*encoded) *session.Chunk {
+// leading comma, or, bare, all but the first), building it on first
+// request. Two classes that see the same peers the same way share it too.
+// The caller holds mu or viewMu; the JSON is put together outside
+// cacheMu, so builders on other cores are not held up by it.
+func (e *Engine) chunk(encs []*encoded, bare bool) *session.Chunk {
 	h := fnvOffset
+	if bare {
+		h = fnvMix(h, 1)
+	}
 	for _, x := range encs {
 		h = fnvMix(h, uint64(uintptr(unsafe.Pointer(x))))
 	}
-	if c := e.cachedChunk(h, encs, nil); c != nil {
+	if c := e.cachedChunk(h, encs, bare, nil); c != nil {
 		return c
 	}
 	size := 0
@@ -60,27 +64,29 @@ func (e *Engine) chunk(encs []*encoded) *session.Chunk {
 		size += len(x.full) + 1
 	}
 	b := make([]byte, 0, size)
-	for _, x := range encs {
-		b = append(b, ',')
+	for i, x := range encs {
+		if i > 0 || !bare {
+			b = append(b, ',')
+		}
 		b = append(b, x.full...)
 	}
-	return e.cachedChunk(h, encs, session.NewChunk(b))
+	return e.cachedChunk(h, encs, bare, session.NewChunk(b))
 }
 
 // cachedChunk returns the cached chunk of encs (hash h); when there is
 // none, it caches and returns c.
-func (e *Engine) cachedChunk(h uint64, encs []*encoded, c *session.Chunk) *session.Chunk {
+func (e *Engine) cachedChunk(h uint64, encs []*encoded, bare bool, c *session.Chunk) *session.Chunk {
 	now := time.Now()
 	e.cacheMu.Lock()
 	defer e.cacheMu.Unlock()
 	for _, ce := range e.chunks[h] {
-		if equalEncs(ce.encs, encs) {
+		if ce.bare == bare && equalEncs(ce.encs, encs) {
 			ce.used, ce.usedTime = e.batchNo, now
 			return ce.chunk
 		}
 	}
 	if c != nil {
-		e.chunks[h] = append(e.chunks[h], &chunkEntry{encs: encs, chunk: c, used: e.batchNo, usedTime: now})
+		e.chunks[h] = append(e.chunks[h], &chunkEntry{encs: encs, bare: bare, chunk: c, used: e.batchNo, usedTime: now})
 	}
 	return c
 }
@@ -529,7 +535,7 @@ func (e *Engine) spanChunk(peers []policy.Peer, skip1, skip2 uint64, owners *own
 		}
 	}
 	e.cacheMu.Unlock()
-	return e.chunk(encs)
+	return e.chunk(encs, false)
 }
 
 // classPeersLocked returns a node's class peer list, computed once per

@@ -112,3 +112,49 @@ func TestClassPeersShared(t *testing.T) {
 	}
 	t.Logf("%d classes, %d distinct lists", len(lists), len(arrays))
 }
+
+// TestNodeViewsMatchClassPeer: for every class (through a member) and
+// every node ID given, NodeViews sees what ClassPeer reports and as it
+// reports it; Plain views are the node's own addresses; IDs the
+// compilation does not hold are seen by none.
+func TestNodeViewsMatchClassPeer(t *testing.T) {
+	pol, users, nodes := generated(t, policygen.Options{Seed: 11, Nodes: 120, Users: 12, Tags: 10, Groups: 6, Hosts: 6,
+		Rules: 100, SelfRules: 3, SSHRules: 2, Tagged: 0.4, Routers: 5})
+	c, err := pol.Compile(users, nodes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := []uint64{0}
+	for _, n := range nodes {
+		ids = append(ids, n.ID)
+	}
+	ids = append(ids, 1<<40)
+	v := c.NodeViews(ids)
+	plain, routed := 0, 0
+	for _, viewer := range nodes {
+		cl := c.ClassOf(viewer.ID)
+		for k, id := range ids {
+			want, ok := c.ClassPeer(viewer.ID, id)
+			if v.Sees(cl, k) != ok {
+				t.Fatalf("class of %d sees %d: %v, ClassPeer says %v", viewer.ID, id, v.Sees(cl, k), ok)
+			}
+			if !ok {
+				continue
+			}
+			if got := v.View(cl, k); !slices.Equal(got.AllowedIPs, want.AllowedIPs) || !slices.Equal(got.PrimaryRoutes, want.PrimaryRoutes) {
+				t.Fatalf("class of %d sees %d as %+v, ClassPeer as %+v", viewer.ID, id, got, want)
+			}
+			if v.Plain(cl, k) {
+				plain++
+				if len(want.PrimaryRoutes) > 0 || len(want.AllowedIPs) != 2 {
+					t.Fatalf("class of %d sees %d plainly, but as %+v", viewer.ID, id, want)
+				}
+			} else {
+				routed++
+			}
+		}
+	}
+	if plain == 0 || routed == 0 {
+		t.Fatalf("%d plain and %d other views: the test needs both", plain, routed)
+	}
+}

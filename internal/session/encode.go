@@ -13,8 +13,10 @@ func Encode(u *Update) ([]Part, error) {
 	// Sized up front: growing the buffer while appending a few hundred
 	// peers was a tenth of a join storm's memmove.
 	size := 256 + len(u.Self) + len(u.SSHPolicy) + 16*len(u.PeersRemoved)
-	for _, p := range u.PeersChanged {
-		size += len(p) + 1
+	if u.PeerChunks == nil {
+		for _, p := range u.PeersChanged {
+			size += len(p) + 1
+		}
 	}
 	for _, p := range u.UserProfiles {
 		size += len(p) + 1
@@ -38,7 +40,14 @@ func Encode(u *Update) ([]Part, error) {
 	}
 	o := NewObj(make([]byte, 0, size))
 	o.Raw("Node", u.Self)
-	if len(u.PeersChanged) > 0 {
+	if len(u.PeerChunks) > 0 {
+		o.key("PeersChanged")
+		o.B = append(o.B, '[')
+		for _, c := range u.PeerChunks {
+			o.Chunk(c)
+		}
+		o.B = append(o.B, ']')
+	} else if len(u.PeersChanged) > 0 {
 		peers := make([][]byte, 0, len(u.PeersChanged))
 		for _, id := range sortedKeys(u.PeersChanged) {
 			peers = append(peers, u.PeersChanged[id])

@@ -32,6 +32,11 @@ type Update struct {
 	Self json.RawMessage
 	// PeersChanged holds added or changed peers by id.
 	PeersChanged map[uint64]json.RawMessage
+	// PeerChunks, when set, is PeersChanged as shared chunks: the peers'
+	// encodings in id order, comma-separated, the first chunk without a
+	// leading comma. Deltas of many classes then compress each run of
+	// peers once. Only a shared update carries it; merging drops it.
+	PeerChunks []*Chunk
 	// PeersRemoved holds ids of peers that left the client's view.
 	PeersRemoved map[uint64]struct{}
 	// Patches are light changes (endpoints, DERP home) by peer id.

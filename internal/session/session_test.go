@@ -410,3 +410,59 @@ func TestPatchesMerge(t *testing.T) {
 		t.Fatalf("the first patch was modified by the merge: %+v", first.Change)
 	}
 }
+
+// TestPeerChunksEncodeAsPeersChanged: an update whose peers are shared
+// chunks encodes, compressed or not, as the same message as its peers
+// listed one by one; merged into a private update, the chunks are dropped
+// and its peers listed with the rest.
+func TestPeerChunksEncodeAsPeersChanged(t *testing.T) {
+	peers := map[uint64]json.RawMessage{}
+	for id := uint64(1); id <= 6; id++ {
+		peers[id] = peer(id)
+	}
+	join := func(bare bool, ids ...uint64) *Chunk {
+		var b []byte
+		for i, id := range ids {
+			if i > 0 || !bare {
+				b = append(b, ',')
+			}
+			b = append(b, peers[id]...)
+		}
+		return NewChunk(b)
+	}
+	plain := &Update{PeersChanged: peers}
+	chunked := &Update{PeersChanged: peers, PeerChunks: []*Chunk{join(true, 1, 2), join(false, 3), join(false, 4, 5, 6)}, Shared: new(Encoded)}
+	pp, err := Encode(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp, err := Encode(chunked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, b := JoinParts(pp, false), JoinParts(cp, false); !bytes.Equal(a, b) {
+		t.Fatalf("chunked peers encode as %s, want %s", b, a)
+	}
+	msg, err := zstdframe.AppendDecode(nil, JoinParts(cp, true))
+	if err != nil || !bytes.Equal(msg, JoinParts(pp, false)) {
+		t.Fatalf("compressed: %v %s", err, msg)
+	}
+	if z := JoinParts(cp, true); !bytes.Contains(z, chunked.PeerChunks[2].compressed()) {
+		t.Fatal("peer chunk frame not spliced")
+	}
+
+	var merged Update
+	merged.merge(chunked)
+	merged.merge(&Update{PeersChanged: map[uint64]json.RawMessage{9: peer(9)}})
+	if merged.PeerChunks != nil {
+		t.Fatal("merge kept the chunks")
+	}
+	mp, err := Encode(&merged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m tailcfg.MapResponse
+	if err := json.Unmarshal(JoinParts(mp, false), &m); err != nil || len(m.PeersChanged) != 7 {
+		t.Fatalf("merged: %v %+v", err, m.PeersChanged)
+	}
+}
