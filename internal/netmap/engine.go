@@ -257,6 +257,8 @@ type batch struct {
 	prevCompiled *policy.Compiled
 	removedClass map[uint64]int
 	full         bool
+	// fd is a full batch's diff of the two compilations.
+	fd *fullDiff
 	// patches caches each changed peer's patch: it depends only on the
 	// peer's old and new version, so every session shares it.
 	patches map[uint64]*session.Patch
@@ -402,9 +404,8 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		e.viewGen++ // encodings or views changed: cached full-map peers are stale
 		e.recordViewStepLocked(b)
 	}
-	var fd *fullDiff
 	if b.full {
-		fd = e.newFullDiff(b)
+		b.fd = e.newFullDiff(b)
 	}
 	// In an incremental batch, sessions of one class whose own node did
 	// not change get the same delta: compute it once per class, and let
@@ -415,7 +416,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	for id, ss := range e.sessions {
 		switch {
 		case b.full:
-			e.diffAllLocked(ss, b, fd)
+			e.diffAllLocked(ss, b, b.fd)
 			continue
 		case b.touches(id):
 			if u := e.diffBatchLocked(ss, b); u != nil {

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -553,7 +554,9 @@ func TestJoinBatchPeersAsChunks(t *testing.T) {
 // policy edit that changes a capability every peer view depends on, one
 // that drops rules, the router leaving), every session that applies what
 // it was sent holds exactly its peers, with their allowed IPs and primary
-// routes, as the compilation gives them.
+// routes, as the compilation gives them, and exactly its packet filter.
+// Filters go out as the parts that changed where few did (the router's
+// join and leave, a tenth of the rules dropped), and whole where most did.
 func TestFullDiffKeepsViewsInStep(t *testing.T) {
 	tn, pol := generatedTailnetOf(policygen.Options{Seed: 7, Nodes: 150, Users: 15, Tags: 10, Groups: 6, Hosts: 6,
 		Rules: 60, SelfRules: 3, SSHRules: 2, Tagged: 0.4, Routers: 6})
@@ -563,7 +566,13 @@ func TestFullDiffKeepsViewsInStep(t *testing.T) {
 	f.drainAll()
 	type view struct{ allowed, primary []netip.Prefix }
 	held := map[uint64]map[uint64]view{}
+	filters := map[uint64]map[string][]tailcfg.FilterRule{}
 	for id := range f.sessions {
+		fs := map[string][]tailcfg.FilterRule{}
+		for _, p := range f.e.compiled.ClassFilterParts(f.e.compiled.ClassOf(id)) {
+			fs[p.Name()] = p.Rules(f.e.compiled, id)
+		}
+		filters[id] = fs
 		v := map[uint64]view{}
 		for _, p := range f.e.compiled.Peers(id) {
 			v[p.ID] = view{p.AllowedIPs, p.PrimaryRoutes}
@@ -576,11 +585,24 @@ func TestFullDiffKeepsViewsInStep(t *testing.T) {
 		}
 		return ps
 	}
-	check := func(what string) (changed int) {
+	check := func(what string) (changed, whole, parts int) {
 		t.Helper()
 		for id, s := range f.sessions {
 			v := held[id]
 			for _, m := range collect(t, s) {
+				if _, ok := m.PacketFilters["*"]; ok {
+					filters[id] = map[string][]tailcfg.FilterRule{}
+					whole++
+				} else if len(m.PacketFilters) > 0 {
+					parts++
+				}
+				for name, rules := range m.PacketFilters {
+					if rules == nil {
+						delete(filters[id], name)
+					} else {
+						filters[id][name] = rules
+					}
+				}
 				for _, p := range m.PeersChanged {
 					if uint64(p.ID) == id {
 						t.Fatalf("%s: node %d was sent itself as a peer", what, id)
@@ -603,34 +625,76 @@ func TestFullDiffKeepsViewsInStep(t *testing.T) {
 					t.Fatalf("%s: node %d holds peer %d as %+v (held %v), has it as %v %v", what, id, p.ID, h, ok, p.AllowedIPs, p.PrimaryRoutes)
 				}
 			}
+			var got []tailcfg.FilterRule
+			for _, name := range slices.Sorted(maps.Keys(filters[id])) {
+				got = append(got, filters[id][name]...)
+			}
+			a, _ := json.Marshal(got)
+			b, _ := json.Marshal(f.e.compiled.Filter(id))
+			if len(got) == 0 {
+				a = []byte("null")
+			}
+			if !bytes.Equal(a, b) {
+				t.Fatalf("%s: node %d holds filter %s, has %s", what, id, a, b)
+			}
 		}
-		return changed
+		return changed, whole, parts
 	}
-	setPolicy := func(what string, p []byte) {
+	// wantParts asserts that most sessions whose filter changed got only
+	// the changed parts (some get it whole: most of their few parts
+	// changed), or, if not, that most got it whole.
+	wantParts := func(what string, whole, parts int, want bool) {
+		t.Helper()
+		if parts > whole != want {
+			t.Fatalf("%s: %d sessions got whole filters, %d changed parts; want mostly parts: %v", what, whole, parts, want)
+		}
+	}
+	setPolicy := func(what string, p []byte) (whole, parts int) {
 		t.Helper()
 		if err := f.st.SetPolicy(context.Background(), p); err != nil {
 			t.Fatal(err)
 		}
 		f.e.process(nil, true, false)
-		if check(what) == 0 {
-			t.Fatalf("%s: no session's peers changed: the step tests nothing", what)
+		changed, whole, parts := check(what)
+		if changed == 0 && whole == 0 && parts == 0 {
+			t.Fatalf("%s: no session's peers or filter changed: the step tests nothing", what)
 		}
+		return whole, parts
 	}
 
 	router := f.join(t, benchNode{user: 1, routes: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}})
-	if check("a second router of 10.1.0.0/16 joined") == 0 {
+	changed, whole, parts := check("a second router of 10.1.0.0/16 joined")
+	if changed == 0 {
 		t.Fatal("the router's join reached no session")
 	}
+	wantParts("router joined", whole, parts, true)
 	setPolicy("disable-ipv4 taken out", pol)
 	var doc map[string]any
 	if err := json.Unmarshal(pol, &doc); err != nil {
 		t.Fatal(err)
 	}
 	acls := doc["acls"].([]any)
+	doc["acls"] = acls[:len(acls)*9/10]
+	tenth, _ := json.Marshal(doc)
+	whole, parts = setPolicy("the last tenth of the rules dropped", tenth)
+	wantParts("a tenth dropped", whole, parts, true)
 	doc["acls"] = acls[:len(acls)/2]
-	fewer, _ := json.Marshal(doc)
-	setPolicy("half the rules dropped", fewer)
+	half, _ := json.Marshal(doc)
+	whole, parts = setPolicy("half the rules dropped", half)
+	wantParts("half dropped", whole, parts, false)
 	setPolicy("disable-ipv4 back, all rules", no4)
 	f.leave(t, router)
-	check("the router left")
+	_, whole, parts = check("the router left")
+	wantParts("router left", whole, parts, true)
+
+	// A join whose filter sync is deferred, then a full batch: the
+	// sessions that did not hold the previous compilation's filter get
+	// theirs whole.
+	f.e.lastSync = time.Now()
+	f.join(t, benchNode{user: 2})
+	if len(f.e.syncPending) == 0 {
+		t.Fatal("the join's filter sync was not deferred")
+	}
+	whole, parts = setPolicy("a tenth dropped after a deferred sync", tenth)
+	wantParts("a tenth dropped after a deferred sync", whole, parts, false)
 }
