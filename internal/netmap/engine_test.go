@@ -18,6 +18,7 @@ import (
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
+	"github.com/tailplane/tailplane/internal/policy"
 	"github.com/tailplane/tailplane/internal/policy/policygen"
 	"github.com/tailplane/tailplane/internal/session"
 	"github.com/tailplane/tailplane/internal/state"
@@ -431,14 +432,9 @@ func TestFullBatchesKeepSessionsInStep(t *testing.T) {
 	tn := smallTailnet([]byte(pol), 3, 30, func(i int) bool { return i%6 == 0 }, "tag:srv")
 	f := newBenchFixture(t, tn)
 	f.drainAll()
-	type view map[uint64][]netip.Prefix
-	held := map[uint64]view{}
+	held := map[uint64]heldPeers{}
 	for id := range f.sessions {
-		v := view{}
-		for _, p := range f.e.compiled.Peers(id) {
-			v[p.ID] = p.AllowedIPs
-		}
-		held[id] = v
+		held[id] = holdPeers(f.e.compiled, id)
 	}
 	// check applies what each session received and compares; it returns
 	// how many sessions hold the router with its route, and how many got
@@ -446,28 +442,10 @@ func TestFullBatchesKeepSessionsInStep(t *testing.T) {
 	check := func(what string, router uint64) (withRoute, unchanged int) {
 		t.Helper()
 		for id, s := range f.sessions {
-			v, got := held[id], 0
-			for _, m := range collect(t, s) {
-				for _, p := range m.PeersChanged {
-					v[uint64(p.ID)] = p.AllowedIPs
-					got++
-				}
-				for _, pid := range m.PeersRemoved {
-					delete(v, uint64(pid))
-					got++
-				}
-			}
-			want := f.e.compiled.Peers(id)
-			if len(v) != len(want) {
-				t.Fatalf("%s: node %d holds %d peers, has %d", what, id, len(v), len(want))
-			}
-			for _, p := range want {
-				if a, ok := v[p.ID]; !ok || !slices.Equal(a, p.AllowedIPs) {
-					t.Fatalf("%s: node %d holds peer %d as %v (held %v), has it as %v", what, id, p.ID, a, ok, p.AllowedIPs)
-				}
-				if p.ID == router && len(p.AllowedIPs) == 3 {
-					withRoute++
-				}
+			got := held[id].apply(t, what, id, collect(t, s))
+			held[id].check(t, what, f.e.compiled, id)
+			if len(held[id][router].allowed) == 3 {
+				withRoute++
 			}
 			if got > 1 {
 				t.Fatalf("%s: node %d got %d peer changes, want at most 1 (the router)", what, id, got)
@@ -564,8 +542,7 @@ func TestFullDiffKeepsViewsInStep(t *testing.T) {
 	tn.policy = no4
 	f := newBenchFixture(t, tn)
 	f.drainAll()
-	type view struct{ allowed, primary []netip.Prefix }
-	held := map[uint64]map[uint64]view{}
+	held := map[uint64]heldPeers{}
 	filters := map[uint64]map[string][]tailcfg.FilterRule{}
 	for id := range f.sessions {
 		fs := map[string][]tailcfg.FilterRule{}
@@ -573,23 +550,15 @@ func TestFullDiffKeepsViewsInStep(t *testing.T) {
 			fs[p.Name()] = p.Rules(f.e.compiled, id)
 		}
 		filters[id] = fs
-		v := map[uint64]view{}
-		for _, p := range f.e.compiled.Peers(id) {
-			v[p.ID] = view{p.AllowedIPs, p.PrimaryRoutes}
-		}
-		held[id] = v
-	}
-	norm := func(ps []netip.Prefix) []netip.Prefix {
-		if len(ps) == 0 {
-			return nil
-		}
-		return ps
+		held[id] = holdPeers(f.e.compiled, id)
 	}
 	check := func(what string) (changed, whole, parts int) {
 		t.Helper()
 		for id, s := range f.sessions {
-			v := held[id]
-			for _, m := range collect(t, s) {
+			msgs := collect(t, s)
+			changed += held[id].apply(t, what, id, msgs)
+			held[id].check(t, what, f.e.compiled, id)
+			for _, m := range msgs {
 				if _, ok := m.PacketFilters["*"]; ok {
 					filters[id] = map[string][]tailcfg.FilterRule{}
 					whole++
@@ -602,27 +571,6 @@ func TestFullDiffKeepsViewsInStep(t *testing.T) {
 					} else {
 						filters[id][name] = rules
 					}
-				}
-				for _, p := range m.PeersChanged {
-					if uint64(p.ID) == id {
-						t.Fatalf("%s: node %d was sent itself as a peer", what, id)
-					}
-					v[uint64(p.ID)] = view{p.AllowedIPs, p.PrimaryRoutes}
-					changed++
-				}
-				for _, pid := range m.PeersRemoved {
-					delete(v, uint64(pid))
-					changed++
-				}
-			}
-			want := f.e.compiled.Peers(id)
-			if len(v) != len(want) {
-				t.Fatalf("%s: node %d holds %d peers, has %d", what, id, len(v), len(want))
-			}
-			for _, p := range want {
-				h, ok := v[p.ID]
-				if !ok || !slices.Equal(h.allowed, p.AllowedIPs) || !slices.Equal(norm(h.primary), norm(p.PrimaryRoutes)) {
-					t.Fatalf("%s: node %d holds peer %d as %+v (held %v), has it as %v %v", what, id, p.ID, h, ok, p.AllowedIPs, p.PrimaryRoutes)
 				}
 			}
 			var got []tailcfg.FilterRule
@@ -697,4 +645,130 @@ func TestFullDiffKeepsViewsInStep(t *testing.T) {
 	}
 	whole, parts = setPolicy("a tenth dropped after a deferred sync", tenth)
 	wantParts("a tenth dropped after a deferred sync", whole, parts, false)
+}
+
+// TestSyncIsSentInSlices: a sync's per-node filter chunks go out over as
+// many batches as the slice allows, each batch asking Run for the next;
+// every session gets the join's change exactly once, and the next sync is
+// not planned before the last one is sent.
+func TestSyncIsSentInSlices(t *testing.T) {
+	tn := smallTailnet(scopedPolicy, 3, 60, func(i int) bool { return i%10 == 7 }, "tag:ops")
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	f.e.syncSlice = time.Nanosecond // 16 sessions a batch
+	select {
+	case <-f.e.wake:
+	default:
+	}
+	joined := f.join(t, benchNode{user: 1})
+	addr := f.st.Node(joined).IPv4
+	members := 0
+	for i, n := range tn.nodes {
+		if len(n.tags) == 0 && f.sessions[f.ids[i]] != nil {
+			members++
+		}
+	}
+	got := map[uint64]int{}
+	batches := 0
+	for {
+		for id, s := range f.sessions {
+			for _, m := range collect(t, s) {
+				for _, rules := range m.PacketFilters {
+					for _, r := range rules {
+						if srcsHold(r.SrcIPs, addr) {
+							got[id]++
+						}
+					}
+				}
+			}
+		}
+		batches++
+		if len(f.e.filterDue) == 0 {
+			break
+		}
+		if batches > len(f.sessions) {
+			t.Fatalf("%d sessions still due after %d batches: syncs overlap", len(f.e.filterDue), batches)
+		}
+		select {
+		case <-f.e.wake:
+		default:
+			t.Fatalf("batch %d left %d sessions due without waking Run", batches, len(f.e.filterDue))
+		}
+		// A next round would be due: it must wait for this one, so no
+		// session gets the first join's rule twice.
+		f.e.lastSync = time.Time{}
+		id := f.registerNode(t, benchNode{user: 2})
+		select {
+		case <-f.e.wake: // the registration's own notice
+		default:
+		}
+		f.e.process(map[uint64]struct{}{id: {}}, false, false)
+	}
+	select {
+	case <-f.e.wake:
+	default:
+		t.Fatal("the round ended with joins pending and due, without waking Run")
+	}
+	if batches < 3 {
+		t.Fatalf("the sync went out in %d batches, want it sliced", batches)
+	}
+	if len(got) != members {
+		t.Fatalf("%d of %d members got the join in their filter", len(got), members)
+	}
+	for id, n := range got {
+		if n != 1 {
+			t.Fatalf("session %d got the join's rule %d times", id, n)
+		}
+	}
+}
+
+// heldPeers is a session's peers as it holds them, by id.
+type heldPeers map[uint64]heldPeer
+
+type heldPeer struct{ allowed, primary []netip.Prefix }
+
+// holdPeers returns node id's peers as a session that applied its full
+// map holds them.
+func holdPeers(c *policy.Compiled, id uint64) heldPeers {
+	h := heldPeers{}
+	for _, p := range c.Peers(id) {
+		h[p.ID] = heldPeer{p.AllowedIPs, p.PrimaryRoutes}
+	}
+	return h
+}
+
+// apply applies the peer changes of node id's messages and returns how
+// many there were; being sent itself as a peer fails the test.
+func (h heldPeers) apply(t *testing.T, what string, id uint64, msgs []tailcfg.MapResponse) (changes int) {
+	t.Helper()
+	for _, m := range msgs {
+		for _, p := range m.PeersChanged {
+			if uint64(p.ID) == id {
+				t.Fatalf("%s: node %d was sent itself as a peer", what, id)
+			}
+			h[uint64(p.ID)] = heldPeer{p.AllowedIPs, p.PrimaryRoutes}
+			changes++
+		}
+		for _, pid := range m.PeersRemoved {
+			delete(h, uint64(pid))
+			changes++
+		}
+	}
+	return changes
+}
+
+// check compares the held peers with node id's peers under c, allowed
+// IPs and primary routes included.
+func (h heldPeers) check(t *testing.T, what string, c *policy.Compiled, id uint64) {
+	t.Helper()
+	want := c.Peers(id)
+	if len(h) != len(want) {
+		t.Fatalf("%s: node %d holds %d peers, has %d", what, id, len(h), len(want))
+	}
+	for _, p := range want {
+		got, ok := h[p.ID]
+		if !ok || !slices.Equal(got.allowed, p.AllowedIPs) || len(got.primary)+len(p.PrimaryRoutes) > 0 && !slices.Equal(got.primary, p.PrimaryRoutes) {
+			t.Fatalf("%s: node %d holds peer %d as %+v (held %v), has it as %v %v", what, id, p.ID, got, ok, p.AllowedIPs, p.PrimaryRoutes)
+		}
+	}
 }
