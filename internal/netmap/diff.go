@@ -165,7 +165,7 @@ func (e *Engine) filterDeltaLocked(ss *sessState, b *batch) map[string][]session
 		ss.filterSum = f.sum
 		return f.chunks
 	}
-	parts := b.partsSince(e.compiled, e.compiled.ClassOf(id), since)
+	parts := e.partsSince(e.compiled, e.compiled.ClassOf(id), since)
 	if len(parts) == 0 {
 		return nil
 	}

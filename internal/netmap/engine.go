@@ -118,6 +118,12 @@ type Engine struct {
 	profChunks map[uint64]*profChunk
 	// filterSeed seeds the hashes by which sessions remember their filter.
 	filterSeed maphash.Seed
+	// parts caches ClassFilterPartsSince per class and generation of
+	// partsOf at partsGen: the members of a class share the search for
+	// changed pieces, across the batches of a sync round.
+	parts    map[partsKey][]policy.FilterPart
+	partsOf  *policy.Compiled
+	partsGen uint64
 }
 
 // classEnc caches what all nodes of one identity class share: the SSH
@@ -279,9 +285,6 @@ type batch struct {
 	// their SSH policy, when it differs.
 	syncAll bool
 	sync    map[int]bool
-	// parts caches ClassFilterPartsSince per class and generation: the
-	// members of a class share the search for changed pieces.
-	parts map[partsKey][]policy.FilterPart
 }
 
 type partsKey struct {
@@ -289,16 +292,20 @@ type partsKey struct {
 	since uint64
 }
 
-// partsSince returns c.ClassFilterPartsSince(cl, since), once per batch.
-func (b *batch) partsSince(c *policy.Compiled, cl int, since uint64) []policy.FilterPart {
+// partsSince returns c.ClassFilterPartsSince(cl, since), once per class
+// and generation while the compilation does not change: a sync round
+// reaches its sessions over several batches, and looking for a class's
+// changed pieces in each was a sixth of a join's fan-out under the
+// generated 15,000-rule policy.
+func (e *Engine) partsSince(c *policy.Compiled, cl int, since uint64) []policy.FilterPart {
+	if e.parts == nil || e.partsOf != c || e.partsGen != c.Gen() {
+		e.parts, e.partsOf, e.partsGen = map[partsKey][]policy.FilterPart{}, c, c.Gen()
+	}
 	k := partsKey{cl, since}
-	ps, ok := b.parts[k]
+	ps, ok := e.parts[k]
 	if !ok {
 		ps = c.ClassFilterPartsSince(cl, since)
-		if b.parts == nil {
-			b.parts = map[partsKey][]policy.FilterPart{}
-		}
-		b.parts[k] = ps
+		e.parts[k] = ps
 	}
 	return ps
 }
