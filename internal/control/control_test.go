@@ -476,12 +476,18 @@ func TestPolicyChangeSendsDeltas(t *testing.T) {
 	if err := ts.st.SetPolicy(context.Background(), []byte(`{"acls":[{"action":"accept","src":["100.64.0.1"],"dst":["100.64.0.1:22"]}]}`)); err != nil {
 		t.Fatal(err)
 	}
+	// The peer change (shared by the class pair) comes first, the node's
+	// own filter in the message after it.
 	d, err := sa.Next(5 * time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(d.PeersRemoved, []tailcfg.NodeID{bid}) || d.PacketFilters == nil {
-		t.Fatalf("after restrictive policy: removed %v, filters %v", d.PeersRemoved, d.PacketFilters)
+	f, err := sa.Next(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(d.PeersRemoved, []tailcfg.NodeID{bid}) || d.PacketFilters != nil || f.PacketFilters == nil || f.PeersRemoved != nil {
+		t.Fatalf("after restrictive policy: removed %v, then filters %v", d.PeersRemoved, f.PacketFilters)
 	}
 	if err := ts.st.SetPolicy(context.Background(), []byte(`{"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}]}`)); err != nil {
 		t.Fatal(err)
@@ -492,6 +498,9 @@ func TestPolicyChangeSendsDeltas(t *testing.T) {
 	}
 	if got := peerNames(d.PeersChanged); !slices.Equal(got, []string{"b"}) {
 		t.Fatalf("after open policy: changed %v", got)
+	}
+	if f, err = sa.Next(5 * time.Second); err != nil || f.PacketFilters == nil {
+		t.Fatalf("after open policy: no filter message (%v)", err)
 	}
 	// An invalid policy is refused and changes nothing.
 	if err := ts.st.SetPolicy(context.Background(), []byte(`{"acls":[{"action":"allow"}]}`)); err == nil {
