@@ -95,6 +95,17 @@ func (d *update) result() *session.Update {
 // carries as chunks (chunkPeersLocked).
 const minChunkedPeers = 8
 
+// shareLocked returns an earlier shared delta of the batch with u's
+// content, or u itself, its changed peers (in the order d.list recorded
+// them) carried as chunks.
+func (e *Engine) shareLocked(sd sameDeltas, u *session.Update, peers []changedPeer) *session.Update {
+	if v := sd.find(u); v != u || u == nil {
+		return v
+	}
+	e.chunkPeersLocked(u, peers)
+	return u
+}
+
 // chunkPeersLocked sets u.PeerChunks from its changed peers' encodings:
 // one chunk per node-ID span, shared (through the chunk cache) by every
 // delta that carries the same peers of that span the same way. In a join
@@ -344,11 +355,7 @@ func (e *Engine) pairDeltaLocked(b *batch, fd *fullDiff, oc, nc int) *session.Up
 	u := d.result()
 	if u != nil {
 		u.Shared = new(session.Encoded)
-		if v := fd.same.find(u); v != u {
-			u = v
-		} else {
-			e.chunkPeersLocked(u, d.list)
-		}
+		u = e.shareLocked(fd.same, u, d.list)
 	}
 	fd.pairs[k] = u
 	return u

@@ -216,10 +216,7 @@ func (e *Engine) Notify(ev state.Event) {
 		e.usersDirty = true
 	}
 	e.inMu.Unlock()
-	select {
-	case e.wake <- struct{}{}:
-	default:
-	}
+	e.wakeSoon()
 }
 
 // maxWindow bounds the adaptive coalescing window.
@@ -447,12 +444,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 		m, ok := memo[cl]
 		if !ok {
 			m = e.classDeltaLocked(ss, b)
-			if u := same.find(m.u); u != m.u {
-				m.u = u
-			} else if u != nil {
-				e.chunkPeersLocked(u, m.peers)
-			}
-			m.peers = nil
+			m.u, m.peers = e.shareLocked(same, m.u, m.peers), nil
 			memo[cl] = m
 		} else if !m.skip && filters {
 			// Sessions of one class hold the same SSH policy (and
@@ -839,10 +831,7 @@ func (e *Engine) wakeUp() {
 	e.mu.Lock()
 	e.syncTimer = nil
 	e.mu.Unlock()
-	select {
-	case e.wake <- struct{}{}:
-	default:
-	}
+	e.wakeSoon()
 }
 
 // classEncLocked returns the encodings the node's class shares, computing
