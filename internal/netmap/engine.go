@@ -82,6 +82,12 @@ type Engine struct {
 	// chunks caches shared chunks of encoded peers for full maps, keyed
 	// by a hash of the encodings they hold.
 	chunks map[uint64][]*chunkEntry
+	// spanChunks caches the chunk of a span's peers by the views it was
+	// built from (see spanChunk); spanChanged holds the view generation
+	// of the last batch that changed a node of each span, and is written
+	// under mu and viewMu.
+	spanChunks  map[uint64][]*spanEntry
+	spanChanged map[uint64]uint64
 	// classPeers caches each class's peer list for the current compilation.
 	classPeers map[int][]policy.Peer
 	// classFull caches each class's full-map peers; viewGen counts the
@@ -179,7 +185,7 @@ func New(opts Options) *Engine {
 		dirty: map[uint64]struct{}{}, wake: make(chan struct{}, 1),
 		nodes: map[uint64]*state.Node{}, users: map[uint64]*state.User{},
 		enc: map[*state.Node]*peerEnc{}, classEnc: map[int]*classEnc{}, batchDone: make(chan struct{}),
-		chunks: map[uint64][]*chunkEntry{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, building: map[int]chan struct{}{}, syncPending: map[int]bool{}, filterEnc: newFilterEncoder(), sshEnc: newSSHEncoder(), profJSON: map[tailcfg.UserID][]byte{}, profChunks: map[uint64]*profChunk{}, filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
+		chunks: map[uint64][]*chunkEntry{}, spanChunks: map[uint64][]*spanEntry{}, spanChanged: map[uint64]uint64{}, classPeers: map[int][]policy.Peer{}, classFull: map[int]*classFull{}, building: map[int]chan struct{}{}, syncPending: map[int]bool{}, filterEnc: newFilterEncoder(), sshEnc: newSSHEncoder(), profJSON: map[tailcfg.UserID][]byte{}, profChunks: map[uint64]*profChunk{}, filterSeed: maphash.MakeSeed(), sessions: map[uint64]*sessState{},
 	}
 	if e.window <= 0 {
 		e.window = 10 * time.Millisecond
@@ -418,6 +424,9 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	if len(b.prev) > 0 || b.full {
 		e.viewGen++ // encodings or views changed: cached full-map peers are stale
 		e.recordViewStepLocked(b)
+		for id := range b.prev {
+			e.spanChanged[id/chunkSpan] = e.viewGen
+		}
 	}
 	if b.full {
 		b.fd = e.newFullDiff(b)

@@ -124,17 +124,21 @@ func (e *Engine) sweepChunksLocked() {
 	}
 	e.cacheMu.Lock()
 	defer e.cacheMu.Unlock()
-	for h, list := range e.chunks {
-		keep := list[:0]
-		for _, ce := range list {
-			if e.batchNo-ce.used <= chunkTTL && ce.usedTime.After(cutoff) {
-				keep = append(keep, ce)
-			}
-		}
-		if len(keep) == 0 {
-			delete(e.chunks, h)
+	sweepLists(e.spanChunks, func(se *spanEntry) bool {
+		return e.batchNo-se.used <= chunkTTL && se.usedTime.After(cutoff)
+	})
+	sweepLists(e.chunks, func(ce *chunkEntry) bool {
+		return e.batchNo-ce.used <= chunkTTL && ce.usedTime.After(cutoff)
+	})
+}
+
+// sweepLists keeps the entries of m's lists that keep accepts.
+func sweepLists[T any](m map[uint64][]T, keep func(T) bool) {
+	for h, list := range m {
+		if list = slices.DeleteFunc(list, func(x T) bool { return !keep(x) }); len(list) == 0 {
+			delete(m, h)
 		} else {
-			e.chunks[h] = keep
+			m[h] = list
 		}
 	}
 }
@@ -511,21 +515,113 @@ func (e *Engine) spans(peers []policy.Peer, old []peerSpan, dirty map[uint64]boo
 // left. The peers' owners are added to owners, if set. The caller holds
 // mu or viewMu.
 func (e *Engine) spanChunk(peers []policy.Peer, skip1, skip2 uint64, owners *ownerSet) *session.Chunk {
-	// The nodes are looked up before taking cacheMu, which builders of
-	// other classes wait for.
+	if len(peers) == 0 {
+		return nil
+	}
+	h := spanHash(peers, skip1, skip2)
+	changed := e.spanChanged[peers[0].ID/chunkSpan]
+	e.cacheMu.Lock()
+	se := e.cachedSpan(h, peers, skip1, skip2, changed)
+	e.cacheMu.Unlock()
+	if se == nil {
+		se = e.buildSpan(peers, skip1, skip2)
+		e.cacheMu.Lock()
+		e.spanChunks[h] = append(e.spanChunks[h], se)
+		e.cacheMu.Unlock()
+	}
+	if owners != nil {
+		for _, uid := range se.owners {
+			owners.add(uid)
+		}
+	}
+	return se.chunk
+}
+
+// spanEntry is a cached span chunk: the peer views it was built from
+// (a copy, so the addresses' slices, whose identity the key is made of,
+// stay alive), and the distinct owners of the peers it holds.
+type spanEntry struct {
+	peers        []policy.Peer
+	skip1, skip2 uint64
+	chunk        *session.Chunk
+	owners       []tailcfg.UserID
+	gen          uint64    // viewGen when built
+	used         uint64    // batch number of last use
+	usedTime     time.Time // time of last use
+}
+
+// spanHash hashes a span's views by identity: peer IDs and the slices of
+// their allowed IPs and routes, which a compilation shares between the
+// lists of every class that sees a peer the same way.
+func spanHash(peers []policy.Peer, skip1, skip2 uint64) uint64 {
+	h := fnvMix(fnvMix(fnvOffset, skip1), skip2)
+	for i := range peers {
+		p := &peers[i]
+		h = fnvMix(h, p.ID)
+		h = fnvMix(h, uint64(uintptr(unsafe.Pointer(unsafe.SliceData(p.AllowedIPs))))+uint64(len(p.AllowedIPs)))
+		h = fnvMix(h, uint64(uintptr(unsafe.Pointer(unsafe.SliceData(p.PrimaryRoutes))))+uint64(len(p.PrimaryRoutes)))
+	}
+	return h
+}
+
+// sameViews reports whether two spans' views are the same slices.
+func sameViews(a, b []policy.Peer) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		p, q := &a[i], &b[i]
+		if p.ID != q.ID || !sameSlice(p.AllowedIPs, q.AllowedIPs) || !sameSlice(p.PrimaryRoutes, q.PrimaryRoutes) {
+			return false
+		}
+	}
+	return true
+}
+
+func sameSlice[T any](a, b []T) bool {
+	return len(a) == len(b) && unsafe.SliceData(a) == unsafe.SliceData(b)
+}
+
+// cachedSpan returns the cached chunk of a span's views, if no node of
+// the span changed since it was built (at view generation changed or
+// later). The caller holds cacheMu.
+func (e *Engine) cachedSpan(h uint64, peers []policy.Peer, skip1, skip2, changed uint64) *spanEntry {
+	list := e.spanChunks[h]
+	for i, se := range list {
+		if se.skip1 != skip1 || se.skip2 != skip2 || !sameViews(se.peers, peers) {
+			continue
+		}
+		if se.gen < changed {
+			// A node of the span changed since: the entry is stale
+			// for good, and is replaced by the caller.
+			e.spanChunks[h] = slices.Delete(list, i, i+1)
+			return nil
+		}
+		se.used, se.usedTime = e.batchNo, time.Now()
+		return se
+	}
+	return nil
+}
+
+// buildSpan builds the chunk of a span's peers without skip1 and skip2.
+// The nodes are looked up before taking cacheMu, which builders of other
+// classes wait for.
+func (e *Engine) buildSpan(peers []policy.Peer, skip1, skip2 uint64) *spanEntry {
+	se := &spanEntry{peers: slices.Clone(peers), skip1: skip1, skip2: skip2, gen: e.viewGen, used: e.batchNo, usedTime: time.Now()}
 	pns := make([]*state.Node, len(peers))
 	n := 0
+	var owners ownerSet
 	for i, p := range peers {
 		if pn := e.nodes[p.ID]; pn != nil && p.ID != skip1 && p.ID != skip2 {
 			pns[i] = pn
 			n++
-			if owners != nil {
-				owners.add(ownerID(pn))
+			if uid := ownerID(pn); owners.add(uid) {
+				se.owners = append(se.owners, uid)
 			}
 		}
 	}
 	if n == 0 {
-		return nil
+		return se
 	}
 	encs := make([]*encoded, 0, n)
 	e.cacheMu.Lock()
@@ -535,7 +631,8 @@ func (e *Engine) spanChunk(peers []policy.Peer, skip1, skip2 uint64, owners *own
 		}
 	}
 	e.cacheMu.Unlock()
-	return e.chunk(encs, false)
+	se.chunk = e.chunk(encs, false)
+	return se
 }
 
 // classPeersLocked returns a node's class peer list, computed once per

@@ -48,9 +48,7 @@ func TestExtendedFullMapsMatchFresh(t *testing.T) {
 		f.e.process(map[uint64]struct{}{f.ids[250+round]: {}}, false, false)
 		for _, id := range []uint64{member, ops} {
 			got := fullMap(id)
-			f.e.mu.Lock()
-			clear(f.e.classFull)
-			f.e.mu.Unlock()
+			forgetFullMaps(f.e)
 			want := fullMap(id)
 			if g, w := mustJSON(t, got), mustJSON(t, want); g != w {
 				t.Fatalf("round %d, node %d: extended full map differs from a fresh one", round, id)
@@ -66,6 +64,17 @@ func TestExtendedFullMapsMatchFresh(t *testing.T) {
 	if got := f.e.classFull[f.e.compiled.ClassOf(member)].spans[0].chunk; got != span0 {
 		t.Fatal("untouched span rebuilt: the class's peers were not brought forward")
 	}
+}
+
+// forgetFullMaps drops the engine's class full-map peers and span
+// chunks, so that the next full map is built from the nodes alone.
+func forgetFullMaps(e *Engine) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	clear(e.classFull)
+	e.cacheMu.Lock()
+	defer e.cacheMu.Unlock()
+	clear(e.spanChunks)
 }
 
 func mustJSON(t *testing.T, v any) string {
@@ -142,10 +151,9 @@ func TestConcurrentFullMapsDuringJoins(t *testing.T) {
 	for _, id := range ids {
 		got := fullMap(id)
 		f.e.mu.Lock()
-		cl := f.e.compiled.ClassOf(id)
-		cf := f.e.classFull[cl]
-		delete(f.e.classFull, cl)
+		cf := f.e.classFull[f.e.compiled.ClassOf(id)]
 		f.e.mu.Unlock()
+		forgetFullMaps(f.e)
 		if want := fullMap(id); got != want {
 			t.Fatalf("node %d: full map from the cached class peers (generation %d) differs from a fresh one", id, cf.gen)
 		}
