@@ -503,6 +503,43 @@ func BenchmarkAddNodeTo10k(b *testing.B) {
 	}
 }
 
+// BenchmarkJoinBatchTo10k times the engine's part of one batch of joins
+// into the generated 15,000-rule tailnet of 10,000 connected nodes, as in
+// a join storm: the joined nodes reach every session that sees them, and
+// the filter sync is deferred, as it is behind the last one in a storm.
+// The nodes leave again (not timed) after each op.
+func BenchmarkJoinBatchTo10k(b *testing.B) {
+	const joiners = 100
+	gen, _ := generatedTailnet()
+	f := newBenchFixture(b, gen)
+	ctx := context.Background()
+	var sent int
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		batch := map[uint64]struct{}{}
+		for i := range joiners {
+			batch[f.registerNode(b, benchNode{user: (i * 7) % len(gen.users)})] = struct{}{}
+		}
+		f.e.lastSync = time.Now()
+		b.StartTimer()
+		f.e.process(batch, false, false)
+		b.StopTimer()
+		got := f.drainAll()
+		sent += len(got)
+		for id := range batch {
+			if err := f.st.DeleteNode(ctx, id); err != nil {
+				b.Fatal(err)
+			}
+		}
+		f.e.lastSync = time.Now()
+		f.e.process(batch, false, false)
+		f.drainAll()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(sent)/float64(b.N), "sessions-updated/op")
+}
+
 // BenchmarkPolicyEdit10k times the engine's part of a policy edit in the
 // generated 15,000-rule tailnet of 10,000 nodes: the last rule taken out,
 // and put back (each an op: a recompile and a full batch). wire-B/op is

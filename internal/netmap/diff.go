@@ -228,10 +228,13 @@ func (e *Engine) diffBatchLocked(ss *sessState, b *batch) *session.Update {
 func (e *Engine) batchPeersLocked(ss *sessState, b *batch, d *update) {
 	me := ss.s.NodeID
 	d.peers, d.patches = len(b.added), len(b.soft)
-	for _, id := range b.added {
-		if p, ok := e.compiled.PeerView(me, id); ok {
-			pn := e.nodes[id]
-			d.changed(e, pn, e.peerJSON(pn, p.AllowedIPs, p.PrimaryRoutes))
+	if len(b.added) > 0 {
+		j := e.joinedViewsLocked(b)
+		cl := e.compiled.ClassOf(me)
+		for k, id := range b.added {
+			if id != me && j.views.Sees(cl, k) {
+				d.changed(e, j.nodes[k], j.enc(e, cl, k))
+			}
 		}
 	}
 	for _, id := range b.removed {
@@ -251,6 +254,44 @@ func (e *Engine) batchPeersLocked(ss *sessState, b *batch, d *update) {
 		old, cur := b.prev[id], e.nodes[id]
 		d.peer(e, b, old, cur, e.peerJSON(old, p.AllowedIPs, p.PrimaryRoutes), e.peerJSON(cur, p.AllowedIPs, p.PrimaryRoutes))
 	}
+}
+
+// joinedViews indexes a batch's added nodes (by position in b.added) for
+// the sessions' diffs: their versions, visibility by class through
+// policy.NodeViews, and the encoding of their plain view (their own
+// addresses), which most classes that see them share. Looking each node
+// up by ID, in the compilation and in the engine's maps, once per class
+// and node was most of the class deltas' cost in the 15K join storm.
+type joinedViews struct {
+	views *policy.NodeViews
+	nodes []*state.Node
+	plain []*encoded // built on first use
+}
+
+// joinedViewsLocked returns b's index of added nodes, building it once.
+func (e *Engine) joinedViewsLocked(b *batch) *joinedViews {
+	if b.joined == nil {
+		j := &joinedViews{views: e.compiled.NodeViews(b.added), nodes: make([]*state.Node, len(b.added)), plain: make([]*encoded, len(b.added))}
+		for k, id := range b.added {
+			j.nodes[k] = e.nodes[id]
+		}
+		b.joined = j
+	}
+	return b.joined
+}
+
+// enc returns the encoding of how class cl sees the added node at
+// position k (which it sees).
+func (j *joinedViews) enc(e *Engine, cl, k int) *encoded {
+	if j.views.Plain(cl, k) {
+		if j.plain[k] == nil {
+			p := j.views.View(cl, k)
+			j.plain[k] = e.peerJSON(j.nodes[k], p.AllowedIPs, p.PrimaryRoutes)
+		}
+		return j.plain[k]
+	}
+	p := j.views.View(cl, k)
+	return e.peerJSON(j.nodes[k], p.AllowedIPs, p.PrimaryRoutes)
 }
 
 // equalPeer reports whether two views of a peer are the same.

@@ -288,6 +288,9 @@ type batch struct {
 	// their SSH policy, when it differs.
 	syncAll bool
 	sync    map[int]bool
+	// joined indexes the added nodes for the sessions' diffs, once the
+	// first one needs it (see joinedViewsLocked).
+	joined *joinedViews
 }
 
 type partsKey struct {

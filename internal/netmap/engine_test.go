@@ -82,7 +82,7 @@ func (f *benchFixture) join(t *testing.T, n benchNode) uint64 {
 
 // registerNode registers a node like n (with a reusable key of its user and
 // tags) without running a batch.
-func (f *benchFixture) registerNode(t *testing.T, n benchNode) uint64 {
+func (f *benchFixture) registerNode(t testing.TB, n benchNode) uint64 {
 	t.Helper()
 	ctx := context.Background()
 	k, ok := f.keys[keyOf(n.user, n.tags)]
@@ -645,6 +645,42 @@ func TestFullDiffKeepsViewsInStep(t *testing.T) {
 	}
 	whole, parts = setPolicy("a tenth dropped after a deferred sync", tenth)
 	wantParts("a tenth dropped after a deferred sync", whole, parts, false)
+}
+
+// TestJoinsKeepViewsInStep: joins (incremental batches) reach every
+// session that sees the joined nodes, as that session's class sees them:
+// plainly, or IPv6 only when either side has disable-ipv4. Sessions that
+// apply their deltas hold the compilation's peers after each batch.
+func TestJoinsKeepViewsInStep(t *testing.T) {
+	tn, pol := generatedTailnetOf(policygen.Options{Seed: 11, Nodes: 120, Users: 12, Tags: 8, Groups: 5, Hosts: 4,
+		Rules: 50, SelfRules: 3, SSHRules: 1, Tagged: 0.4})
+	tn.policy = append([]byte(`{"nodeAttrs":[{"target":["tag:t1","user3@example.com"],"attr":["disable-ipv4"]}],`), pol[1:]...)
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	held := map[uint64]heldPeers{}
+	for id := range f.sessions {
+		held[id] = holdPeers(f.e.compiled, id)
+	}
+	step := func(what string, joiners ...benchNode) {
+		t.Helper()
+		batch := map[uint64]struct{}{}
+		for _, n := range joiners {
+			batch[f.registerNode(t, n)] = struct{}{}
+		}
+		f.e.process(batch, false, false)
+		changed := 0
+		for id, s := range f.sessions {
+			changed += held[id].apply(t, what, id, collect(t, s))
+			held[id].check(t, what, f.e.compiled, id)
+		}
+		if changed == 0 {
+			t.Fatalf("%s: the join reached no session", what)
+		}
+	}
+	step("a node of user3 (disable-ipv4) joined", benchNode{user: 3})
+	step("a tag:t1 node (disable-ipv4) joined", benchNode{user: 0, tags: []string{"tag:t1"}})
+	step("a plain node joined", benchNode{user: 1})
+	step("all three kinds in one batch", benchNode{user: 3}, benchNode{user: 0, tags: []string{"tag:t1"}}, benchNode{user: 2})
 }
 
 // TestSyncIsSentInSlices: a sync's per-node filter chunks go out over as
