@@ -512,7 +512,9 @@ func (e *Engine) spans(peers []policy.Peer, old []peerSpan, dirty map[uint64]boo
 
 // spanChunk returns the chunk of peers without the nodes skip1 and skip2
 // (the session's own node and the peer its header holds), nil if none is
-// left. The peers' owners are added to owners, if set. The caller holds
+// left. The peers' owners are added to owners, if set. The peers lie in
+// one span of chunkSpan ids, whose last change (spanChanged) decides
+// whether the chunk cached for their views still holds. The caller holds
 // mu or viewMu.
 func (e *Engine) spanChunk(peers []policy.Peer, skip1, skip2 uint64, owners *ownerSet) *session.Chunk {
 	if len(peers) == 0 {
