@@ -283,15 +283,16 @@ func (e *Engine) joinedViewsLocked(b *batch) *joinedViews {
 // enc returns the encoding of how class cl sees the added node at
 // position k (which it sees).
 func (j *joinedViews) enc(e *Engine, cl, k int) *encoded {
-	if j.views.Plain(cl, k) {
-		if j.plain[k] == nil {
-			p := j.views.View(cl, k)
-			j.plain[k] = e.peerJSON(j.nodes[k], p.AllowedIPs, p.PrimaryRoutes)
-		}
+	plain := j.views.Plain(cl, k)
+	if plain && j.plain[k] != nil {
 		return j.plain[k]
 	}
 	p := j.views.View(cl, k)
-	return e.peerJSON(j.nodes[k], p.AllowedIPs, p.PrimaryRoutes)
+	x := e.peerJSON(j.nodes[k], p.AllowedIPs, p.PrimaryRoutes)
+	if plain {
+		j.plain[k] = x
+	}
+	return x
 }
 
 // equalPeer reports whether two views of a peer are the same.

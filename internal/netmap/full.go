@@ -28,11 +28,24 @@ const chunkSpan = 32
 
 // chunkEntry is a cached chunk: the peer encodings it holds, in order.
 type chunkEntry struct {
-	encs     []*encoded
-	bare     bool // no leading comma: the first chunk of a delta's peers
-	chunk    *session.Chunk
-	used     uint64    // batch number of last use
-	usedTime time.Time // time of last use
+	encs  []*encoded
+	bare  bool // no leading comma: the first chunk of a delta's peers
+	chunk *session.Chunk
+	cacheUse
+}
+
+// cacheUse is when a cached part of full maps was last used: the batch
+// number and the time. Parts unused for chunkTTL batches or for
+// chunkIdleTTL are swept (sweepChunksLocked).
+type cacheUse struct {
+	used     uint64
+	usedTime time.Time
+}
+
+func (u *cacheUse) touch(batch uint64, now time.Time) { u.used, u.usedTime = batch, now }
+
+func (u *cacheUse) fresh(batch uint64, cutoff time.Time) bool {
+	return batch-u.used <= chunkTTL && u.usedTime.After(cutoff)
 }
 
 // An unused chunk stays cached for chunkTTL batches, and at most
@@ -81,12 +94,12 @@ func (e *Engine) cachedChunk(h uint64, encs []*encoded, bare bool, c *session.Ch
 	defer e.cacheMu.Unlock()
 	for _, ce := range e.chunks[h] {
 		if ce.bare == bare && equalEncs(ce.encs, encs) {
-			ce.used, ce.usedTime = e.batchNo, now
+			ce.touch(e.batchNo, now)
 			return ce.chunk
 		}
 	}
 	if c != nil {
-		e.chunks[h] = append(e.chunks[h], &chunkEntry{encs: encs, bare: bare, chunk: c, used: e.batchNo, usedTime: now})
+		e.chunks[h] = append(e.chunks[h], &chunkEntry{encs: encs, bare: bare, chunk: c, cacheUse: cacheUse{e.batchNo, now}})
 	}
 	return c
 }
@@ -113,29 +126,25 @@ func equalEncs(a, b []*encoded) bool {
 func (e *Engine) sweepChunksLocked() {
 	cutoff := time.Now().Add(-chunkIdleTTL)
 	for cl, cf := range e.classFull {
-		if e.batchNo-cf.used > chunkTTL || !cf.usedTime.After(cutoff) || !e.extendable(cf.gen) {
+		if !cf.fresh(e.batchNo, cutoff) || !e.extendable(cf.gen) {
 			delete(e.classFull, cl)
 		}
 	}
 	for h, pc := range e.profChunks {
-		if e.batchNo-pc.used > chunkTTL || !pc.usedTime.After(cutoff) {
+		if !pc.fresh(e.batchNo, cutoff) {
 			delete(e.profChunks, h)
 		}
 	}
 	e.cacheMu.Lock()
 	defer e.cacheMu.Unlock()
-	sweepLists(e.spanChunks, func(se *spanEntry) bool {
-		return e.batchNo-se.used <= chunkTTL && se.usedTime.After(cutoff)
-	})
-	sweepLists(e.chunks, func(ce *chunkEntry) bool {
-		return e.batchNo-ce.used <= chunkTTL && ce.usedTime.After(cutoff)
-	})
+	sweepLists(e.spanChunks, e.batchNo, cutoff)
+	sweepLists(e.chunks, e.batchNo, cutoff)
 }
 
-// sweepLists keeps the entries of m's lists that keep accepts.
-func sweepLists[T any](m map[uint64][]T, keep func(T) bool) {
+// sweepLists keeps the entries of m's lists that are fresh.
+func sweepLists[T interface{ fresh(uint64, time.Time) bool }](m map[uint64][]T, batch uint64, cutoff time.Time) {
 	for h, list := range m {
-		if list = slices.DeleteFunc(list, func(x T) bool { return !keep(x) }); len(list) == 0 {
+		if list = slices.DeleteFunc(list, func(x T) bool { return !x.fresh(batch, cutoff) }); len(list) == 0 {
 			delete(m, h)
 		} else {
 			m[h] = list
@@ -245,7 +254,7 @@ func (e *Engine) profileChunkLocked(owners *ownerSet) *session.Chunk {
 		h = fnvMix(h, uint64(uid))
 	}
 	if pc := e.profChunks[h]; pc != nil && slices.Equal(pc.uids, ids) {
-		pc.used, pc.usedTime = e.batchNo, time.Now()
+		pc.touch(e.batchNo, time.Now())
 		return pc.chunk
 	}
 	var pb []byte
@@ -259,17 +268,16 @@ func (e *Engine) profileChunkLocked(owners *ownerSet) *session.Chunk {
 		}
 		pb = append(pb, pj...)
 	}
-	pc := &profChunk{uids: ids, chunk: session.NewChunk(pb), used: e.batchNo, usedTime: time.Now()}
+	pc := &profChunk{uids: ids, chunk: session.NewChunk(pb), cacheUse: cacheUse{e.batchNo, time.Now()}}
 	e.profChunks[h] = pc
 	return pc.chunk
 }
 
 // profChunk is a cached list of profiles.
 type profChunk struct {
-	uids     []tailcfg.UserID
-	chunk    *session.Chunk
-	used     uint64
-	usedTime time.Time
+	uids  []tailcfg.UserID
+	chunk *session.Chunk
+	cacheUse
 }
 
 // profilePartsLocked returns the UserProfiles list of a full map: the
@@ -304,8 +312,7 @@ type classFull struct {
 	spans    []peerSpan
 	owners   ownerSet       // of the peers
 	profiles *session.Chunk // owners' profiles, comma-separated
-	used     uint64
-	usedTime time.Time
+	cacheUse
 }
 
 // peerSpan is the class's peers in one node-ID span, and their chunk.
@@ -385,7 +392,7 @@ func (e *Engine) classFullLocked(nodeID uint64) *classFull {
 		cf = e.newClassFull(e.viewGen, e.classPeersLocked(nodeID))
 	}
 	e.classFull[cl] = cf
-	cf.used, cf.usedTime = e.batchNo, time.Now()
+	cf.touch(e.batchNo, time.Now())
 	return cf
 }
 
@@ -429,7 +436,7 @@ func (e *Engine) buildClassFullLocked(nodeID uint64) {
 	delete(e.building, cl)
 	close(done)
 	if old := e.classFull[cl]; cf != nil && e.viewGen == gen && (old == nil || old.gen != gen) {
-		cf.used, cf.usedTime = e.batchNo, time.Now()
+		cf.touch(e.batchNo, time.Now())
 		e.classFull[cl] = cf
 		e.classPeers[cl] = cf.peers
 	}
@@ -547,9 +554,8 @@ type spanEntry struct {
 	skip1, skip2 uint64
 	chunk        *session.Chunk
 	owners       []tailcfg.UserID
-	gen          uint64    // viewGen when built
-	used         uint64    // batch number of last use
-	usedTime     time.Time // time of last use
+	gen          uint64 // viewGen when built
+	cacheUse
 }
 
 // spanHash hashes a span's views by identity: peer IDs and the slices of
@@ -599,7 +605,7 @@ func (e *Engine) cachedSpan(h uint64, peers []policy.Peer, skip1, skip2, changed
 			e.spanChunks[h] = slices.Delete(list, i, i+1)
 			return nil
 		}
-		se.used, se.usedTime = e.batchNo, time.Now()
+		se.touch(e.batchNo, time.Now())
 		return se
 	}
 	return nil
@@ -609,7 +615,7 @@ func (e *Engine) cachedSpan(h uint64, peers []policy.Peer, skip1, skip2, changed
 // The nodes are looked up before taking cacheMu, which builders of other
 // classes wait for.
 func (e *Engine) buildSpan(peers []policy.Peer, skip1, skip2 uint64) *spanEntry {
-	se := &spanEntry{peers: slices.Clone(peers), skip1: skip1, skip2: skip2, gen: e.viewGen, used: e.batchNo, usedTime: time.Now()}
+	se := &spanEntry{peers: slices.Clone(peers), skip1: skip1, skip2: skip2, gen: e.viewGen, cacheUse: cacheUse{e.batchNo, time.Now()}}
 	pns := make([]*state.Node, len(peers))
 	n := 0
 	var owners ownerSet

@@ -159,3 +159,31 @@ func TestConcurrentFullMapsDuringJoins(t *testing.T) {
 		}
 	}
 }
+
+// TestUnusedFullMapPartsAreSwept: the caches behind full maps (class
+// lists, span entries, chunks, profile lists) drop what no full map used
+// for chunkTTL batches, so a tailnet that goes quiet does not keep every
+// peer's JSON and frames in memory.
+func TestUnusedFullMapPartsAreSwept(t *testing.T) {
+	f := newBenchFixture(t, smallTailnet(scopedPolicy, 4, 120, func(i int) bool { return i%25 == 7 }, "tag:ops"))
+	f.drainAll()
+	if _, ok := f.e.FullMap(f.ids[0]); !ok {
+		t.Fatal("no full map")
+	}
+	sizes := func() [4]int {
+		f.e.mu.Lock()
+		defer f.e.mu.Unlock()
+		f.e.cacheMu.Lock()
+		defer f.e.cacheMu.Unlock()
+		return [4]int{len(f.e.classFull), len(f.e.spanChunks), len(f.e.chunks), len(f.e.profChunks)}
+	}
+	if s := sizes(); slices.Contains(s[:], 0) {
+		t.Fatalf("after a full map: class lists, span entries, chunks, profile lists = %v, want all cached", s)
+	}
+	for range chunkTTL + 1 {
+		f.e.process(nil, false, false)
+	}
+	if s := sizes(); s != [4]int{} {
+		t.Fatalf("after %d batches without a full map: class lists, span entries, chunks, profile lists = %v, want none", chunkTTL+1, s)
+	}
+}
