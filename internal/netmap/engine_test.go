@@ -475,6 +475,61 @@ func TestFullBatchesKeepSessionsInStep(t *testing.T) {
 	}
 }
 
+// TestJoinAfterRecompileUsesNewClasses: a policy edit renumbers the
+// classes, and the join after it must reach each session by its class in
+// the new compilation. Under the first policy every user node is in one
+// class; the edit gives user1's nodes a class of their own that sees
+// tag:srv, so a tag:srv node joining then reaches user1's sessions and no
+// other user's.
+func TestJoinAfterRecompileUsesNewClasses(t *testing.T) {
+	const pol = `{
+  "tagOwners": {"tag:srv": ["user0@example.com"]},
+  "acls": [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:80"]}
+  ]
+}`
+	tn := smallTailnet([]byte(pol), 3, 30, func(int) bool { return false }, "")
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	held := map[uint64]heldPeers{}
+	check := func(what string) {
+		t.Helper()
+		for id, s := range f.sessions {
+			held[id].apply(t, what, id, collect(t, s))
+			held[id].check(t, what, f.e.compiled, id)
+		}
+	}
+	for id := range f.sessions {
+		held[id] = holdPeers(f.e.compiled, id)
+	}
+	// A join before the edit: every session's class is looked up in the
+	// first compilation.
+	f.join(t, benchNode{user: 2})
+	check("user node joined")
+	if err := f.st.SetPolicy(context.Background(), []byte(strings.Replace(pol, `
+  ]`, `,
+    {"action": "accept", "src": ["user1@example.com"], "dst": ["tag:srv:22"]}
+  ]`, 1))); err != nil {
+		t.Fatal(err)
+	}
+	f.e.process(nil, true, false)
+	check("policy edited")
+	srv := f.join(t, benchNode{user: 0, tags: []string{"tag:srv"}})
+	check("tag:srv joined")
+	seen := 0
+	for id := range f.sessions {
+		if _, ok := held[id][srv]; ok {
+			seen++
+			if n := f.st.Node(id); n.UserID != f.st.Node(f.ids[1]).UserID {
+				t.Errorf("node %d of user %d sees tag:srv; only user1's nodes may", id, n.UserID)
+			}
+		}
+	}
+	if seen == 0 {
+		t.Fatal("no session sees the tag:srv node: the test needs user1's")
+	}
+}
+
 // TestJoinBatchPeersAsChunks: a batch of joins reaches each class as a
 // delta whose peers are shared chunks by node-ID span; every session
 // decodes exactly the joined nodes it sees, in id order, and sessions that
