@@ -310,12 +310,12 @@ func (a *adder) selfNode(i int) {
 			}
 			e = cp.newSelfEntry(ri, selfPorts(r, entries), n.UserID, []int{ci})
 			for _, uc := range ucl {
-				a.insert(uc, e.pc)
+				a.insert(uc, &e.pc)
 				a.link(uc, ci)
 			}
 		default:
 			if isFresh {
-				a.insert(ci, e.pc)
+				a.insert(ci, &e.pc)
 				for _, sc := range e.classes {
 					a.link(ci, sc)
 				}
