@@ -764,11 +764,11 @@ func BenchmarkReconnectStorm(b *testing.B) {
 // policy, encodings, sessions). The tailnet is built, then 500 nodes join
 // it in synced batches of 50. cpu-ms/op is the process's CPU per forced
 // collection (mark workers run on every core), heap-MB and heap-objects the
-// live heap after it, with the full-map caches swept as an idle server
-// sweeps them. It leaves out what a server holds per connection (HTTP/2,
-// Noise, four goroutines) and what 10,000 joins in small batches leave
-// behind: a server idle after the join storm marks about four times this
-// heap.
+// live heap after it, with the caches swept as an idle server sweeps
+// them (two ticks of sweepIdleLocked). It leaves out what a server holds
+// per connection (HTTP/2, Noise, four goroutines) and what 10,000 joins
+// in small batches leave behind: a server idle after the join storm marks
+// about four times this heap.
 func BenchmarkIdleGC(b *testing.B) {
 	gen, _ := generatedTailnet()
 	cases := []struct {
@@ -796,7 +796,8 @@ func BenchmarkIdleGC(b *testing.B) {
 			}
 			f.e.mu.Lock()
 			f.e.batchNo += chunkTTL + 1
-			f.e.sweepChunksLocked()
+			f.e.sweepIdleLocked()
+			f.e.sweepIdleLocked()
 			f.e.mu.Unlock()
 			runtime.GC()
 			var cpu time.Duration

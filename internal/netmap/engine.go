@@ -93,6 +93,8 @@ type Engine struct {
 	spanChanged map[uint64]uint64
 	// classPeers caches each class's peer list for the current compilation.
 	classPeers map[int][]policy.Peer
+	// tickBatch is batchNo at the last sweepIdleLocked.
+	tickBatch uint64
 	// classFull caches each class's full-map peers; viewGen counts the
 	// batches that changed a node or the compilation, which invalidate it.
 	classFull map[int]*classFull
@@ -259,7 +261,7 @@ func (e *Engine) Run(ctx context.Context) {
 			return
 		case <-sweep.C:
 			e.mu.Lock()
-			e.sweepChunksLocked()
+			e.sweepIdleLocked()
 			e.mu.Unlock()
 			continue
 		case <-e.wake:
@@ -282,6 +284,23 @@ func (e *Engine) Run(ctx context.Context) {
 		e.process(dirty, pol, users)
 		window = min(e.window+time.Since(began)/2, maxWindow)
 	}
+}
+
+// sweepIdleLocked runs every chunkIdleTTL, batches or not. It drops the
+// full-map caches unused for that long, the filter and SSH encodings no
+// batch used since the tick before, and, when no batch ran since then,
+// the classes' peer lists and filter parts: an idle server needs none of
+// them until the next change, and each garbage collection the runtime
+// forces at idle (one every two minutes) marks whatever it keeps.
+func (e *Engine) sweepIdleLocked() {
+	e.sweepChunksLocked()
+	e.filterEnc.sweep()
+	e.sshEnc.sweep()
+	if e.batchNo == e.tickBatch {
+		clear(e.classPeers)
+		e.parts = nil
+	}
+	e.tickBatch = e.batchNo
 }
 
 // batch is one coalesced set of changes as the engine applies it.

@@ -330,6 +330,68 @@ func TestJoinSyncsEachNodesOwnFilter(t *testing.T) {
 	}
 }
 
+// TestIdleSweepDropsEncodings: two idle ticks without a batch drop the
+// filter and SSH encodings, the classes' peer lists and filter parts; the
+// next join builds them again, and the sessions' own filter chunks still
+// name the joined node.
+func TestIdleSweepDropsEncodings(t *testing.T) {
+	tn := smallTailnet([]byte(`{
+  "acls": [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:80"]},
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:22"]}
+  ],
+  "ssh": [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot"]}
+  ]
+}`), 2, 10, func(int) bool { return false }, "")
+	f := newBenchFixture(t, tn)
+	f.drainAll()
+	joinSynced := func() uint64 {
+		f.e.lastSync = time.Time{}
+		id := f.registerNode(t, benchNode{user: 1})
+		f.processAll(map[uint64]struct{}{id: {}})
+		return id
+	}
+	joinSynced()
+	f.drainAll()
+	f.e.mu.Lock()
+	f.e.classPeersLocked(f.ids[0])
+	f.e.mu.Unlock()
+	sizes := func() [5]int {
+		f.e.mu.Lock()
+		defer f.e.mu.Unlock()
+		return [5]int{len(f.e.filterEnc.parts), len(f.e.filterEnc.srcs), len(f.e.sshEnc.rules), len(f.e.classPeers), len(f.e.parts)}
+	}
+	if s := sizes(); slices.Contains(s[:], 0) {
+		t.Fatalf("after a synced join and a peer list: filter parts, source lists, SSH rules, peer lists, class parts = %v, want all cached", s)
+	}
+	for range 2 {
+		f.e.mu.Lock()
+		f.e.sweepIdleLocked()
+		f.e.mu.Unlock()
+	}
+	if s := sizes(); s != [5]int{} {
+		t.Fatalf("after two idle ticks: filter parts, source lists, SSH rules, peer lists, class parts = %v, want none", s)
+	}
+	joined := joinSynced()
+	for i, id := range f.ids {
+		if i%2 != 1 {
+			continue
+		}
+		var own []tailcfg.FilterRule
+		for _, m := range collect(t, f.sessions[id]) {
+			for name, rules := range m.PacketFilters {
+				if strings.HasSuffix(name, "s") {
+					own = append(own, rules...)
+				}
+			}
+		}
+		if len(own) == 0 || !srcsHold(own[0].SrcIPs, f.st.Node(joined).IPv4) {
+			t.Fatalf("node %d: after the idle sweep, its self rule %v lacks the joined node", id, own)
+		}
+	}
+}
+
 // TestLeaveUpdatesInPlace: a leave is taken out of the compilation
 // without recompiling: the sessions that saw the node are told it is gone,
 // the filters naming its address lose it at once in a quiet tailnet, and a
