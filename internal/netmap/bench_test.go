@@ -709,15 +709,7 @@ func BenchmarkPolicyEditFanout(b *testing.B) {
 // over it: a storm that serialises on the engine lock shows as wall time
 // close to CPU time on two cores.
 func BenchmarkReconnectStorm(b *testing.B) {
-	gen, _ := generatedTailnet()
-	cases := []struct {
-		name string
-		tn   benchTailnet
-	}{
-		{"policy=allow-all", defaultTailnet(nil)},
-		{"policy=generated-15k", gen},
-	}
-	for _, tc := range cases {
+	for _, tc := range wholeTailnets() {
 		b.Run(tc.name, func(b *testing.B) {
 			prev := *benchSessions
 			*benchSessions = 0
@@ -770,15 +762,7 @@ func BenchmarkReconnectStorm(b *testing.B) {
 // in small batches leave behind: a server idle after the join storm marks
 // about four times this heap.
 func BenchmarkIdleGC(b *testing.B) {
-	gen, _ := generatedTailnet()
-	cases := []struct {
-		name string
-		tn   benchTailnet
-	}{
-		{"policy=allow-all", defaultTailnet(nil)},
-		{"policy=generated-15k", gen},
-	}
-	for _, tc := range cases {
+	for _, tc := range wholeTailnets() {
 		b.Run(tc.name, func(b *testing.B) {
 			f := newBenchFixture(b, tc.tn)
 			// Joins after the engine is built, each synced to every
@@ -814,6 +798,19 @@ func BenchmarkIdleGC(b *testing.B) {
 			runtime.KeepAlive(f)
 		})
 	}
+}
+
+// namedTailnet is a benchmark case.
+type namedTailnet struct {
+	name string
+	tn   benchTailnet
+}
+
+// wholeTailnets are the cases of the benchmarks that act on every node at
+// once: the default allow-all policy and the generated 15,000-rule one.
+func wholeTailnets() []namedTailnet {
+	gen, _ := generatedTailnet()
+	return []namedTailnet{{"policy=allow-all", defaultTailnet(nil)}, {"policy=generated-15k", gen}}
 }
 
 // processCPU is the user and system CPU time the process has used.
