@@ -71,9 +71,6 @@ type Engine struct {
 	users    map[uint64]*state.User
 	pol      *policy.Policy
 	compiled *policy.Compiled
-	// compiles numbers the compilations; sessions remember their class
-	// per number.
-	compiles uint64
 	enc      map[*state.Node]*peerEnc
 	classEnc map[int]*classEnc
 	sessions map[uint64]*sessState
@@ -137,19 +134,6 @@ type Engine struct {
 	partsGen uint64
 }
 
-// classLocked returns the class of session ss's node, looked up once per
-// compilation: AddNodes and RemoveNodes classify only the nodes they add,
-// so a node keeps its class until the next recompile. In an incremental
-// batch every session's class is needed, and looking each up in the
-// compilation's node index was 30% of an allow-all join's fan-out
-// (cold map reads over 10,000 nodes).
-func (e *Engine) classLocked(ss *sessState) int {
-	if ss.classOf != e.compiles || ss.class < 0 {
-		ss.class, ss.classOf = e.compiled.ClassOf(ss.s.NodeID), e.compiles
-	}
-	return ss.class
-}
-
 // classEnc caches what all nodes of one identity class share: the SSH
 // policy, and the filter when no rule names the receiving node's own
 // addresses (shared). Per-node filters are not cached: with
@@ -177,11 +161,7 @@ type filterEnc struct {
 // current batch, so it is never stored per peer (that was 100 bytes per
 // session-peer pair: 10 GB at 10,000 nodes).
 type sessState struct {
-	s *session.Session
-	// class is the node's class in compilation number classOf (see
-	// classLocked).
-	class    int
-	classOf  uint64
+	s        *session.Session
 	self     *state.Node
 	selfJSON json.RawMessage
 	// filterSum is the hash of the filter the session holds; 0 after a
@@ -490,7 +470,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 			}
 			continue
 		}
-		cl := e.classLocked(ss)
+		cl := e.compiled.ClassOf(id)
 		filters := b.filtersFor(cl)
 		m, ok := memo[cl]
 		if !ok {
@@ -700,7 +680,6 @@ func (e *Engine) recompileLocked() {
 		c, _ = policy.Default().Compile(users, nodes)
 	}
 	e.compiled = c
-	e.compiles++
 	clear(e.classEnc)
 	clear(e.classPeers)
 	e.filterEnc = newFilterEncoder()
