@@ -13,12 +13,18 @@ import (
 	"time"
 )
 
-// ErrConflict is returned by Apply when a conditional mutation (ConsumeKey)
-// finds the row already changed: the whole batch is rolled back.
+// ErrConflict is returned by Apply when a conditional mutation finds the row
+// already changed (ConsumeKey) or already taken (CreateUser, CreateNode):
+// the whole batch is rolled back.
 var ErrConflict = errors.New("store: conflicting change")
 
 // ErrNotFound is returned when a mutation names a row that does not exist.
 var ErrNotFound = errors.New("store: not found")
+
+// ErrPruned is returned by ChangesSince when the change log no longer holds
+// the entries after the requested seq: they were pruned. A follower that
+// fell that far behind must reload the whole state.
+var ErrPruned = errors.New("store: change log pruned")
 
 // User is a tailnet user.
 type User struct {
@@ -85,9 +91,16 @@ type Snapshot struct {
 
 // Mutation is one change inside a batch. Exactly one field is set.
 type Mutation struct {
-	PutUser    *User  // insert or replace by ID
+	PutUser *User // insert or replace by ID
+	// CreateUser inserts a new user; ErrConflict if a user with its ID or
+	// name exists. Replicas allocate IDs on their own, so two can pick the
+	// same one: creating fails where putting would overwrite the other's.
+	CreateUser *User
 	DeleteUser uint64 // by ID; fails with ErrNotFound if absent
 	PutNode    *Node  // insert or replace by ID
+	// CreateNode inserts a new node; ErrConflict if its ID, node key, given
+	// name or an address is taken (see CreateUser).
+	CreateNode *Node
 	DeleteNode uint64 // by ID; fails with ErrNotFound if absent
 	PutKey     *PreAuthKey
 	// ConsumeKey marks a one-off key used; ErrConflict if it already was.

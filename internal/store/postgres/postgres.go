@@ -6,6 +6,7 @@ package postgres
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -21,6 +22,11 @@ import (
 // Channel is the NOTIFY channel on which every Apply announces its change
 // sequence number.
 const Channel = "tailplane_changes"
+
+// replicaLock is the advisory lock (one per schema) every running replica
+// holds shared on its notification connection (Listen), so that Alone can
+// tell whether any other replica runs.
+const replicaLock = "hashtext('tailplane_replicas.' || current_schema())"
 
 // migrateLock is the advisory lock key under which a process migrates the
 // schema, so replicas starting together do not race on CREATE TABLE.
@@ -96,7 +102,7 @@ var notify = sqlcommon.Stmt{
 // change-log entry and notifies Channel. The statements go to the server
 // in one pipelined round trip.
 func (s *Store) Apply(ctx context.Context, muts []store.Mutation) (int64, error) {
-	b, err := sqlcommon.NewBatch(muts, time.Now(), []sqlcommon.Stmt{lockChanges}, []sqlcommon.Stmt{notify})
+	b, err := sqlcommon.NewBatch(muts, time.Now(), []sqlcommon.Stmt{lockChanges}, []sqlcommon.Stmt{notify}, isUnique)
 	if err != nil {
 		return 0, fmt.Errorf("postgres: apply: %w", err)
 	}
@@ -110,6 +116,13 @@ func (s *Store) Apply(ctx context.Context, muts []store.Mutation) (int64, error)
 		return 0, fmt.Errorf("postgres: apply: %w", err)
 	}
 	return seq, nil
+}
+
+// isUnique reports whether err is a unique_violation (SQLSTATE 23505),
+// which PostgreSQL raises for primary keys and UNIQUE constraints alike.
+func isUnique(err error) bool {
+	var e *pgconn.PgError
+	return errors.As(err, &e) && e.Code == "23505"
 }
 
 // run sends stmts as one pipelined batch and returns the results of those
@@ -144,7 +157,8 @@ func run(ctx context.Context, tx pgx.Tx, stmts []sqlcommon.Stmt) ([]int64, error
 // most sqlcommon.MaxChanges of them: call again from the last one returned
 // until the result is empty. Sequence numbers can have gaps (a rolled-back
 // Apply uses one up) but never appear out of order: once seq N is visible,
-// every committed entry below N is too.
+// every committed entry below N is too. If entries after seq were pruned,
+// the error wraps store.ErrPruned.
 func (s *Store) ChangesSince(ctx context.Context, seq int64) ([]store.Change, error) {
 	changes, err := sqlcommon.ChangesSince(ctx, conn{s.pool}, seq)
 	if err != nil {
@@ -153,11 +167,17 @@ func (s *Store) ChangesSince(ctx context.Context, seq int64) ([]store.Change, er
 	return changes, nil
 }
 
-// PruneChanges deletes the change-log entries up to seq, keeping the
-// newest, and returns how many it deleted. Prune only what every replica
-// has read; one that falls further behind must reload instead.
-func (s *Store) PruneChanges(ctx context.Context, seq int64) (int64, error) {
-	n, err := sqlcommon.PruneChanges(ctx, conn{s.pool}, seq)
+// PruneChanges deletes the change-log entries stamped before before,
+// keeping the newest, and returns how many it deleted. A replica that had
+// not read them yet gets store.ErrPruned from ChangesSince and must reload,
+// so keep entries for longer than a replica may fall behind.
+func (s *Store) PruneChanges(ctx context.Context, before time.Time) (int64, error) {
+	var n int64
+	err := s.inTx(ctx, func(tx pgx.Tx) error {
+		var err error
+		n, err = sqlcommon.PruneChanges(ctx, conn{tx}, before)
+		return err
+	})
 	if err != nil {
 		return 0, fmt.Errorf("postgres: prune changes: %w", err)
 	}
@@ -191,6 +211,10 @@ func (s *Store) Listen(ctx context.Context, fn func(seq int64)) error {
 	if _, err := c.Exec(ctx, "LISTEN "+Channel); err != nil {
 		return listenErr(ctx, err)
 	}
+	// Held while the connection lives: this replica counts as running.
+	if _, err := c.Exec(ctx, "SELECT pg_advisory_lock_shared("+replicaLock+")"); err != nil {
+		return listenErr(ctx, err)
+	}
 	var newest int64
 	if err := c.QueryRow(ctx, "SELECT COALESCE(MAX(seq), 0) FROM changes").Scan(&newest); err != nil {
 		return listenErr(ctx, err)
@@ -207,6 +231,20 @@ func (s *Store) Listen(ctx context.Context, fn func(seq int64)) error {
 		}
 		fn(seq)
 	}
+}
+
+// Alone reports whether no other process listens (Listen) on this
+// database: no other replica is running. Call it before this process
+// listens itself.
+func (s *Store) Alone(ctx context.Context) (bool, error) {
+	var alone bool
+	err := s.inTx(ctx, func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, "SELECT pg_try_advisory_xact_lock("+replicaLock+")").Scan(&alone)
+	})
+	if err != nil {
+		return false, fmt.Errorf("postgres: check for other replicas: %w", err)
+	}
+	return alone, nil
 }
 
 func listenErr(ctx context.Context, err error) error {

@@ -2,9 +2,6 @@ package postgres
 
 import (
 	"context"
-	"crypto/rand"
-	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -13,102 +10,16 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/tailplane/tailplane/internal/store"
+	"github.com/tailplane/tailplane/internal/store/postgres/pgtest"
 	"github.com/tailplane/tailplane/internal/store/storetest"
 )
 
-const defaultDSN = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
-
+// testDSN and schemaDSN give the tests the shared test database and a
+// schema of their own in it (see pgtest).
 var (
-	dsnOnce sync.Once
-	baseDSN string
-	dsnErr  error
+	testDSN   = pgtest.DSN
+	schemaDSN = pgtest.SchemaDSN
 )
-
-// testDSN returns the DSN of the test database: TAILPLANE_TEST_POSTGRES,
-// or the local default. If the database cannot be reached the test is
-// skipped, or fails when TAILPLANE_REQUIRE_POSTGRES=1 (as in CI, where a
-// silent skip would hide a broken setup).
-func testDSN(tb testing.TB) string {
-	tb.Helper()
-	dsnOnce.Do(func() {
-		baseDSN = os.Getenv("TAILPLANE_TEST_POSTGRES")
-		if baseDSN == "" {
-			baseDSN = defaultDSN
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		defer cancel()
-		var c *pgx.Conn
-		if c, dsnErr = pgx.Connect(ctx, baseDSN); dsnErr == nil {
-			dsnErr = c.Ping(ctx)
-			c.Close(ctx)
-		}
-	})
-	if dsnErr != nil {
-		msg := "SKIP: PostgreSQL not reachable at " + redact(baseDSN) + ": set TAILPLANE_TEST_POSTGRES (" + dsnErr.Error() + ")"
-		if os.Getenv("TAILPLANE_REQUIRE_POSTGRES") == "1" {
-			tb.Fatal(strings.Replace(msg, "SKIP: ", "TAILPLANE_REQUIRE_POSTGRES=1 but ", 1))
-		}
-		tb.Skip(msg)
-	}
-	return baseDSN
-}
-
-// redact hides a password in a URL DSN.
-func redact(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.User != nil {
-		return u.Redacted()
-	}
-	return dsn
-}
-
-// schemas gives each test its own schema, so that concurrent tests and
-// test runs share the database without seeing each other, and opening twice
-// with the same test reopens the same tables.
-var schemas sync.Map // testing.TB -> DSN
-
-// schemaDSN returns a DSN whose connections work in a new schema that is
-// dropped when tb ends.
-func schemaDSN(tb testing.TB) string {
-	tb.Helper()
-	if dsn, ok := schemas.Load(tb); ok {
-		return dsn.(string)
-	}
-	base := testDSN(tb)
-	name := "tp_test_" + strings.ToLower(rand.Text()[:16])
-	ctx := context.Background()
-	c, err := pgx.Connect(ctx, base)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer c.Close(ctx)
-	if _, err := c.Exec(ctx, "CREATE SCHEMA "+name); err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		c, err := pgx.Connect(ctx, base)
-		if err != nil {
-			tb.Error(err)
-			return
-		}
-		defer c.Close(ctx)
-		if _, err := c.Exec(ctx, "DROP SCHEMA "+name+" CASCADE"); err != nil {
-			tb.Error(err)
-		}
-	})
-	// pgx sends unknown DSN parameters to the server as run-time
-	// parameters, so every connection of the pool starts in the schema.
-	var dsn string
-	if u, err := url.Parse(base); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
-		q := u.Query()
-		q.Set("search_path", name)
-		u.RawQuery = q.Encode()
-		dsn = u.String()
-	} else {
-		dsn = base + " search_path=" + name
-	}
-	schemas.Store(tb, dsn)
-	return dsn
-}
 
 func openTest(tb testing.TB) store.Store {
 	tb.Helper()
@@ -118,6 +29,9 @@ func openTest(tb testing.TB) store.Store {
 	}
 	return s
 }
+
+// The suite skips its change-log test for a store without one.
+var _ storetest.ChangeLog = (*Store)(nil)
 
 func TestStore(t *testing.T) {
 	testDSN(t) // skip once, not in every subtest
@@ -219,4 +133,53 @@ func TestReplicas(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Errorf("Listen returned %v after cancel, want nil", err)
 	}
+}
+
+// TestAlone checks that a replica listening on the database is seen by
+// another one's Alone, and only while it listens.
+func TestAlone(t *testing.T) {
+	a, b := openTest(t).(*Store), openTest(t).(*Store)
+	defer a.Close()
+	defer b.Close()
+	ctx := context.Background()
+	if alone, err := b.Alone(ctx); err != nil || !alone {
+		t.Fatalf("Alone with no replica listening = %v, %v; want true", alone, err)
+	}
+	lctx, stop := context.WithCancel(ctx)
+	listening := make(chan struct{}, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- a.Listen(lctx, func(int64) {
+			select {
+			case listening <- struct{}{}:
+			default:
+			}
+		})
+	}()
+	<-listening
+	if alone, err := b.Alone(ctx); err != nil || alone {
+		t.Errorf("Alone while another replica listens = %v, %v; want false", alone, err)
+	}
+	// Another schema's replicas are other tailnets.
+	other := openOther(t)
+	defer other.Close()
+	if alone, err := other.Alone(ctx); err != nil || !alone {
+		t.Errorf("Alone in another schema = %v, %v; want true", alone, err)
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	if alone, err := b.Alone(ctx); err != nil || !alone {
+		t.Errorf("Alone after the other replica stopped = %v, %v; want true", alone, err)
+	}
+}
+
+// openOther opens a store in a schema of its own, not the test's.
+func openOther(t *testing.T) *Store {
+	s, err := Open(context.Background(), pgtest.NewSchemaDSN(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }

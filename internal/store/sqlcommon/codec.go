@@ -21,20 +21,13 @@ import (
 func normalize(m store.Mutation) store.Mutation {
 	switch {
 	case m.PutUser != nil:
-		u := *m.PutUser
-		u.CreatedAt = canonicalTime(u.CreatedAt)
-		m.PutUser = &u
+		m.PutUser = normalizeUser(*m.PutUser)
+	case m.CreateUser != nil:
+		m.CreateUser = normalizeUser(*m.CreateUser)
 	case m.PutNode != nil:
-		n := *m.PutNode
-		n.Tags = nilIfEmpty(n.Tags)
-		n.Hostinfo = nilIfEmpty(n.Hostinfo)
-		n.Endpoints = nilIfEmpty(n.Endpoints)
-		n.AdvertisedRoutes = nilIfEmpty(n.AdvertisedRoutes)
-		n.ApprovedRoutes = nilIfEmpty(n.ApprovedRoutes)
-		n.Expiry = canonicalTime(n.Expiry)
-		n.CreatedAt = canonicalTime(n.CreatedAt)
-		n.LastSeen = canonicalTime(n.LastSeen)
-		m.PutNode = &n
+		m.PutNode = normalizeNode(*m.PutNode)
+	case m.CreateNode != nil:
+		m.CreateNode = normalizeNode(*m.CreateNode)
 	case m.PutKey != nil:
 		k := *m.PutKey
 		k.Tags = nilIfEmpty(k.Tags)
@@ -45,6 +38,23 @@ func normalize(m store.Mutation) store.Mutation {
 		m.PutSetting = &store.Setting{Key: m.PutSetting.Key, Value: nilIfEmpty(m.PutSetting.Value)}
 	}
 	return m
+}
+
+func normalizeUser(u store.User) *store.User {
+	u.CreatedAt = canonicalTime(u.CreatedAt)
+	return &u
+}
+
+func normalizeNode(n store.Node) *store.Node {
+	n.Tags = nilIfEmpty(n.Tags)
+	n.Hostinfo = nilIfEmpty(n.Hostinfo)
+	n.Endpoints = nilIfEmpty(n.Endpoints)
+	n.AdvertisedRoutes = nilIfEmpty(n.AdvertisedRoutes)
+	n.ApprovedRoutes = nilIfEmpty(n.ApprovedRoutes)
+	n.Expiry = canonicalTime(n.Expiry)
+	n.CreatedAt = canonicalTime(n.CreatedAt)
+	n.LastSeen = canonicalTime(n.LastSeen)
+	return &n
 }
 
 func canonicalTime(t time.Time) time.Time {

@@ -6,7 +6,8 @@
 // RETURNING, TRUE/FALSE), and both drivers bind a time.Time and scan one
 // into sql.NullTime (the sqlite store configures its driver for that), so
 // what differs stays in the backend packages: the DDL, how a transaction
-// is run, and how a Batch's statements reach the database.
+// is run, how a Batch's statements reach the database, and how the driver
+// reports a unique violation.
 package sqlcommon
 
 import (
@@ -41,19 +42,23 @@ type Rows interface {
 // that fell far behind catches up in bounded steps instead of one huge read.
 const MaxChanges = 1000
 
-// upsert returns an INSERT of cols into table that replaces the row whose
-// first column (the primary key) matches.
-func upsert(table string, cols ...string) string {
+// insert returns an INSERT of cols into table.
+func insert(table string, cols ...string) string {
 	ph := make([]string, len(cols))
-	set := make([]string, 0, len(cols)-1)
-	for i, c := range cols {
+	for i := range cols {
 		ph[i] = fmt.Sprintf("$%d", i+1)
-		if i > 0 {
-			set = append(set, c+" = excluded."+c)
-		}
 	}
-	return fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s",
-		table, strings.Join(cols, ", "), strings.Join(ph, ", "), cols[0], strings.Join(set, ", "))
+	return fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s)", table, strings.Join(cols, ", "), strings.Join(ph, ", "))
+}
+
+// upsert returns an insert that replaces the row whose first column (the
+// primary key) matches.
+func upsert(table string, cols ...string) string {
+	set := make([]string, len(cols)-1)
+	for i, c := range cols[1:] {
+		set[i] = c + " = excluded." + c
+	}
+	return fmt.Sprintf("%s ON CONFLICT (%s) DO UPDATE SET %s", insert(table, cols...), cols[0], strings.Join(set, ", "))
 }
 
 var (
@@ -68,6 +73,8 @@ var (
 	putNode    = upsert("nodes", nodeCols...)
 	putKey     = upsert("pre_auth_keys", keyCols...)
 	putSetting = upsert("settings", "name", "value")
+	createUser = insert("users", userCols...)
+	createNode = insert("nodes", nodeCols...)
 
 	selectUsers = "SELECT " + strings.Join(userCols, ", ") + " FROM users ORDER BY id"
 	selectNodes = "SELECT " + strings.Join(nodeCols, ", ") + " FROM nodes ORDER BY id"
@@ -85,9 +92,21 @@ const (
 	appendChange  = "INSERT INTO changes (at, payload) VALUES ($1, $2) RETURNING seq"
 	newestChange  = "SELECT COALESCE(MAX(seq), 0) FROM changes"
 	selectChanges = "SELECT seq, at, payload FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2"
-	// pruneChanges keeps the newest entry so that MAX(seq), and with it
+	// prunedThrough is the highest seq a prune deleted, 0 before any.
+	prunedThrough = "SELECT COALESCE(MAX(through), 0) FROM changes_pruned"
+	// lastPrunable is the highest seq a prune with cut-off $1 deletes. It
+	// spares the newest entry so that MAX(seq), and with it
 	// Snapshot.ChangeSeq, never goes backwards.
-	pruneChanges = "DELETE FROM changes WHERE seq <= $1 AND seq < (SELECT MAX(seq) FROM changes)"
+	lastPrunable = "SELECT COALESCE(MAX(seq), 0) FROM changes WHERE at < $1 AND seq < (SELECT MAX(seq) FROM changes)"
+	// pruneChanges is bounded by lastPrunable's result ($2): on PostgreSQL
+	// each statement sees what committed before it, and an entry stamped
+	// before the cut-off but committed after lastPrunable ran has a higher
+	// seq; deleting it would leave a gap the mark does not cover.
+	pruneChanges = "DELETE FROM changes WHERE at < $1 AND seq <= $2"
+	// markPruned raises the mark to $1, never lowers it: replicas may
+	// prune concurrently with different cut-offs.
+	markPruned = "INSERT INTO changes_pruned (id, through) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET through = " +
+		"CASE WHEN excluded.through > changes_pruned.through THEN excluded.through ELSE changes_pruned.through END"
 )
 
 // Stmt is one statement of a Batch.
@@ -106,9 +125,10 @@ type Stmt struct {
 // results Result checks afterwards, so no statement depends on the outcome
 // of an earlier one.
 type Batch struct {
-	Stmts []Stmt
-	steps []step // what Result checks, one per statement
-	muts  []store.Mutation
+	Stmts    []Stmt
+	steps    []step // what Result checks, one per statement
+	muts     []store.Mutation
+	isUnique func(error) bool
 }
 
 type step struct {
@@ -127,13 +147,17 @@ const (
 	consume
 	// seqResult: the result is the batch's change-log seq.
 	seqResult
+	// unique: failing on a unique or primary-key violation means
+	// ErrConflict.
+	unique
 )
 
 // NewBatch returns the statements that apply muts and append their
 // change-log entry stamped now, surrounded by the backend's own statements
-// pre and post.
-func NewBatch(muts []store.Mutation, now time.Time, pre, post []Stmt) (*Batch, error) {
-	b := &Batch{muts: muts}
+// pre and post. isUnique reports whether a statement's error is a unique
+// or primary-key violation, which only the backend's driver can tell.
+func NewBatch(muts []store.Mutation, now time.Time, pre, post []Stmt, isUnique func(error) bool) (*Batch, error) {
+	b := &Batch{muts: muts, isUnique: isUnique}
 	add := func(mut int, c check, st Stmt) {
 		b.Stmts = append(b.Stmts, st)
 		b.steps = append(b.steps, step{mut, c})
@@ -146,12 +170,15 @@ func NewBatch(muts []store.Mutation, now time.Time, pre, post []Stmt) (*Batch, e
 		norm[i] = normalize(m)
 		switch m := norm[i]; {
 		case m.PutUser != nil:
-			u := m.PutUser
-			add(i, noCheck, Stmt{SQL: putUser, Args: []any{int64(u.ID), u.Name, u.Email, u.DisplayName, timeArg(u.CreatedAt)}})
+			add(i, noCheck, Stmt{SQL: putUser, Args: userArgs(m.PutUser)})
+		case m.CreateUser != nil:
+			add(i, unique, Stmt{SQL: createUser, Args: userArgs(m.CreateUser)})
 		case m.DeleteUser != 0:
 			add(i, mustAffect, Stmt{SQL: deleteUser, Args: []any{int64(m.DeleteUser)}})
 		case m.PutNode != nil:
 			add(i, noCheck, Stmt{SQL: putNode, Args: nodeArgs(m.PutNode)})
+		case m.CreateNode != nil:
+			add(i, unique, Stmt{SQL: createNode, Args: nodeArgs(m.CreateNode)})
 		case m.DeleteNode != 0:
 			add(i, mustAffect, Stmt{SQL: deleteNode, Args: []any{int64(m.DeleteNode)}})
 		case m.PutKey != nil:
@@ -183,7 +210,8 @@ func NewBatch(muts []store.Mutation, now time.Time, pre, post []Stmt) (*Batch, e
 // Result interprets the outcome of running the batch: results holds the
 // results of the statements that succeeded, in order, and err, if not nil,
 // is the error of the next statement. It returns the batch's change-log
-// seq, or the error of the first mutation that failed. The caller commits
+// seq, or the error of the first mutation that failed, wrapping
+// store.ErrConflict if a create found its row taken. The caller commits
 // only if the error is nil.
 func (b *Batch) Result(results []int64, err error) (int64, error) {
 	var seq int64
@@ -205,7 +233,11 @@ func (b *Batch) Result(results []int64, err error) (int64, error) {
 		}
 	}
 	if err != nil {
-		return 0, b.fail(len(results), err)
+		i := len(results)
+		if i < len(b.steps) && b.steps[i].check == unique && b.isUnique(err) {
+			err = fmt.Errorf("%w: %w", store.ErrConflict, err)
+		}
+		return 0, b.fail(i, err)
 	}
 	return seq, nil
 }
@@ -225,6 +257,10 @@ func (b *Batch) fail(i int, err error) error {
 	return fmt.Errorf("%s: %w", b.Stmts[i].SQL, err)
 }
 
+func userArgs(u *store.User) []any {
+	return []any{int64(u.ID), u.Name, u.Email, u.DisplayName, timeArg(u.CreatedAt)}
+}
+
 func nodeArgs(n *store.Node) []any {
 	return []any{int64(n.ID), n.MachineKey, n.NodeKey, n.DiscoKey, int64(n.UserID), listArg(n.Tags),
 		n.Hostname, n.GivenName, addrArg(n.IPv4), addrArg(n.IPv6), bytesArg(n.Hostinfo),
@@ -238,10 +274,14 @@ func describe(m store.Mutation) string {
 	switch {
 	case m.PutUser != nil:
 		return fmt.Sprintf("PutUser %d", m.PutUser.ID)
+	case m.CreateUser != nil:
+		return fmt.Sprintf("CreateUser %d", m.CreateUser.ID)
 	case m.DeleteUser != 0:
 		return fmt.Sprintf("DeleteUser %d", m.DeleteUser)
 	case m.PutNode != nil:
 		return fmt.Sprintf("PutNode %d", m.PutNode.ID)
+	case m.CreateNode != nil:
+		return fmt.Sprintf("CreateNode %d", m.CreateNode.ID)
 	case m.DeleteNode != 0:
 		return fmt.Sprintf("DeleteNode %d", m.DeleteNode)
 	case m.PutKey != nil:
@@ -359,8 +399,16 @@ func scanKey(r Rows) (store.PreAuthKey, error) {
 }
 
 // ChangesSince returns the change-log entries after seq, oldest first, at
-// most MaxChanges of them.
+// most MaxChanges of them. If entries after seq were pruned, it returns an
+// error wrapping store.ErrPruned.
 func ChangesSince(ctx context.Context, c Conn, seq int64) ([]store.Change, error) {
+	// The entries are read before the mark. A prune deletes entries and
+	// raises the mark in one transaction, and the mark never goes down: if
+	// a prune deleted entries after seq before they were read, the mark
+	// read next shows it. Had the mark been read first, it could predate
+	// a prune that commits before the entries are read, and the gap would
+	// go unseen. This order at worst reports a prune that came too late
+	// to matter.
 	var changes []store.Change
 	err := each(ctx, c, selectChanges, []any{seq, MaxChanges}, func(r Rows) error {
 		var ch store.Change
@@ -376,13 +424,39 @@ func ChangesSince(ctx context.Context, c Conn, seq int64) ([]store.Change, error
 		changes = append(changes, ch)
 		return nil
 	})
-	return changes, err
+	if err != nil {
+		return nil, err
+	}
+	var through int64
+	if err := queryOne(ctx, c, prunedThrough, nil, &through); err != nil {
+		return nil, fmt.Errorf("read pruned-through mark: %w", err)
+	}
+	if seq < through {
+		return nil, fmt.Errorf("%w through %d", store.ErrPruned, through)
+	}
+	return changes, nil
 }
 
-// PruneChanges deletes the change-log entries up to and including seq,
-// except the newest entry, and returns how many it deleted.
-func PruneChanges(ctx context.Context, c Conn, seq int64) (int64, error) {
-	return c.Exec(ctx, pruneChanges, seq)
+// PruneChanges deletes the change-log entries stamped before before,
+// except the newest entry, raises the pruned-through mark to the highest
+// seq it deleted, and returns how many it deleted. tx must be a
+// transaction, so that no reader sees the entries gone but the mark not
+// yet raised.
+func PruneChanges(ctx context.Context, tx Conn, before time.Time) (int64, error) {
+	// With nothing to prune, through is 0: the delete matches nothing and
+	// the mark keeps its value.
+	var through int64
+	if err := queryOne(ctx, tx, lastPrunable, []any{timeArg(before)}, &through); err != nil {
+		return 0, fmt.Errorf("find entries to prune: %w", err)
+	}
+	n, err := tx.Exec(ctx, pruneChanges, timeArg(before), through)
+	if err != nil {
+		return 0, fmt.Errorf("delete entries: %w", err)
+	}
+	if _, err := tx.Exec(ctx, markPruned, through); err != nil {
+		return 0, fmt.Errorf("raise pruned-through mark: %w", err)
+	}
+	return n, nil
 }
 
 // each runs query and calls fn for every row.

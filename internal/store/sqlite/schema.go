@@ -72,4 +72,15 @@ CREATE TABLE changes (
 	Version: 2,
 	Name:    "node presence",
 	SQL:     `ALTER TABLE nodes ADD COLUMN online BOOLEAN NOT NULL DEFAULT FALSE`,
+}, {
+	Version: 3,
+	Name:    "change log pruned mark",
+	SQL: `
+-- One row: the highest seq PruneChanges deleted. ChangesSince refuses to
+-- read from below it, where entries are missing.
+CREATE TABLE changes_pruned (
+	id      INTEGER PRIMARY KEY CHECK (id = 1),
+	through INTEGER NOT NULL
+);
+`,
 }}

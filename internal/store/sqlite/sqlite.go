@@ -13,7 +13,8 @@ import (
 	"sync"
 	"time"
 
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	modernc "modernc.org/sqlite" // the "sqlite" driver; its Error
+	sqlite3 "modernc.org/sqlite/lib"
 
 	"github.com/tailplane/tailplane/internal/store"
 	"github.com/tailplane/tailplane/internal/store/sqlcommon"
@@ -134,7 +135,7 @@ func (s *Store) Load(ctx context.Context) (*store.Snapshot, error) {
 
 // Apply applies muts in one transaction, durable when it returns.
 func (s *Store) Apply(ctx context.Context, muts []store.Mutation) (int64, error) {
-	b, err := sqlcommon.NewBatch(muts, time.Now(), nil, nil)
+	b, err := sqlcommon.NewBatch(muts, time.Now(), nil, nil, isUnique)
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: apply: %w", err)
 	}
@@ -164,6 +165,17 @@ func (s *Store) Apply(ctx context.Context, muts []store.Mutation) (int64, error)
 		return 0, fmt.Errorf("sqlite: apply: %w", err)
 	}
 	return seq, nil
+}
+
+// isUnique reports whether err is a PRIMARY KEY or UNIQUE violation. The
+// driver turns on extended result codes, which tell these from the other
+// constraints (FOREIGN KEY, NOT NULL).
+func isUnique(err error) bool {
+	var e *modernc.Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	return e.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY || e.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE
 }
 
 // run runs one statement of a batch and returns its result.
@@ -197,7 +209,8 @@ func (s *Store) prepare(ctx context.Context, query string) (*sql.Stmt, error) {
 
 // ChangesSince returns the change-log entries after seq, oldest first, at
 // most sqlcommon.MaxChanges of them: call again from the last one returned
-// until the result is empty.
+// until the result is empty. If entries after seq were pruned, the error
+// wraps store.ErrPruned.
 func (s *Store) ChangesSince(ctx context.Context, seq int64) ([]store.Change, error) {
 	changes, err := sqlcommon.ChangesSince(ctx, conn{s.db}, seq)
 	if err != nil {
@@ -206,11 +219,17 @@ func (s *Store) ChangesSince(ctx context.Context, seq int64) ([]store.Change, er
 	return changes, nil
 }
 
-// PruneChanges deletes the change-log entries up to seq, keeping the
-// newest, and returns how many it deleted. A single process reads nothing
-// from the log, so the caller can prune up to the seq of its last Apply.
-func (s *Store) PruneChanges(ctx context.Context, seq int64) (int64, error) {
-	n, err := sqlcommon.PruneChanges(ctx, conn{s.db}, seq)
+// PruneChanges deletes the change-log entries stamped before before,
+// keeping the newest, and returns how many it deleted. A single process
+// reads nothing from its own log, so any cut-off is safe.
+func (s *Store) PruneChanges(ctx context.Context, before time.Time) (int64, error) {
+	var n int64
+	// A transaction, like Apply's, so it waits for the write lock.
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		var err error
+		n, err = sqlcommon.PruneChanges(ctx, conn{tx}, before)
+		return err
+	})
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: prune changes: %w", err)
 	}

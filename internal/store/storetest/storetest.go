@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -27,7 +28,7 @@ type Opener func(tb testing.TB) store.Store
 // suite checks it when present.
 type ChangeLog interface {
 	ChangesSince(ctx context.Context, seq int64) ([]store.Change, error)
-	PruneChanges(ctx context.Context, seq int64) (int64, error)
+	PruneChanges(ctx context.Context, before time.Time) (int64, error)
 }
 
 // Run runs the suite against the stores open returns, each subtest on its
@@ -45,6 +46,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"ConsumeKeyRace", testConsumeKeyRace},
 		{"DeleteUser", testDeleteUser},
 		{"Uniqueness", testUniqueness},
+		{"Create", testCreate},
 		{"ChangeSeq", testChangeSeq},
 		{"ChangeLog", testChangeLog},
 		{"ConcurrentApply", testConcurrentApply},
@@ -459,6 +461,61 @@ func testUniqueness(t *testing.T, open Opener) {
 	check(t, "settings", load(t, s).Settings, map[string][]byte{})
 }
 
+func testCreate(t *testing.T, open Opener) {
+	s := openStore(t, open)
+	ctx := context.Background()
+	apply(t, s, store.Mutation{CreateUser: User(1)}, store.Mutation{CreateNode: Node(1, 1)})
+	assertState(t, s, []store.User{*User(1)}, []store.Node{*Node(1, 1)}, nil)
+
+	sameID := User(1)
+	sameID.Name = "other"
+	sameName := User(2)
+	sameName.Name = User(1).Name
+	// taken returns node 2 with one field of node 1.
+	taken := func(f func(n *store.Node)) *store.Node {
+		n := Node(2, 1)
+		f(n)
+		return n
+	}
+	for _, tc := range []struct {
+		name string
+		mut  store.Mutation
+		err  error // nil: any error but ErrConflict
+	}{
+		{"user ID", store.Mutation{CreateUser: sameID}, store.ErrConflict},
+		{"user name", store.Mutation{CreateUser: sameName}, store.ErrConflict},
+		{"node ID", store.Mutation{CreateNode: taken(func(n *store.Node) { n.ID = 1 })}, store.ErrConflict},
+		{"node key", store.Mutation{CreateNode: taken(func(n *store.Node) { n.NodeKey = Node(1, 1).NodeKey })}, store.ErrConflict},
+		{"given name", store.Mutation{CreateNode: taken(func(n *store.Node) { n.GivenName = Node(1, 1).GivenName })}, store.ErrConflict},
+		{"node IPv4", store.Mutation{CreateNode: taken(func(n *store.Node) { n.IPv4 = Node(1, 1).IPv4 })}, store.ErrConflict},
+		{"node IPv6", store.Mutation{CreateNode: taken(func(n *store.Node) { n.IPv6 = Node(1, 1).IPv6 })}, store.ErrConflict},
+		// Only a taken row is a conflict.
+		{"node of missing user", store.Mutation{CreateNode: Node(2, 9)}, nil},
+	} {
+		// The batch's first mutation is rolled back with the create.
+		_, err := s.Apply(ctx, []store.Mutation{{PutSetting: &store.Setting{Key: "x"}}, tc.mut})
+		t.Logf("%s: %v", tc.name, err)
+		switch {
+		case err == nil:
+			t.Errorf("%s: Apply succeeded", tc.name)
+		case tc.err != nil && !errors.Is(err, tc.err):
+			t.Errorf("%s: error %v, want %v", tc.name, err, tc.err)
+		case tc.err == nil && errors.Is(err, store.ErrConflict):
+			t.Errorf("%s: error %v should not be ErrConflict", tc.name, err)
+		case !strings.Contains(err.Error(), "mutation 1 (Create"):
+			t.Errorf("%s: error %q does not name the mutation", tc.name, err)
+		}
+	}
+	assertState(t, s, []store.User{*User(1)}, []store.Node{*Node(1, 1)}, nil)
+	check(t, "settings", load(t, s).Settings, map[string][]byte{})
+
+	// PutNode still replaces.
+	n := Node(1, 1)
+	n.Hostname, n.Online = "renamed", true
+	apply(t, s, store.Mutation{PutNode: n})
+	assertState(t, s, []store.User{*User(1)}, []store.Node{*n}, nil)
+}
+
 func testChangeSeq(t *testing.T, open Opener) {
 	s := openStore(t, open)
 	if seq := load(t, s).ChangeSeq; seq != 0 {
@@ -485,8 +542,12 @@ func testChangeLog(t *testing.T, open Opener) {
 	n := Node(1, 1)
 	n.Tags = []string{}
 	n.LastSeen = time.Now()
+	created := Node(2, 2)
+	created.Endpoints = []netip.AddrPort{}
+	created.LastSeen = time.Now()
 	batches := [][]store.Mutation{
-		{{PutUser: User(1)}, {PutNode: n}, {PutKey: key("k", 1, false)}},
+		{{PutUser: User(1)}, {PutNode: n}, {PutKey: key("k", 1, false)},
+			{CreateUser: User(2)}, {CreateNode: created}},
 		{{ConsumeKey: "k"}, {PutSetting: &store.Setting{Key: "p", Value: []byte{1}}}},
 		{{DeleteNode: 1}},
 	}
@@ -516,14 +577,55 @@ func testChangeLog(t *testing.T, open Opener) {
 		t.Errorf("ChangesSince(%d) = %+v, %v; want the last change", seqs[1], tail, err)
 	}
 
+	// Pruning goes by age: the entries applied before the cut-off go, the
+	// later one stays. The sleeps keep the cut-off clear of the entries'
+	// times, which the store keeps to the microsecond.
+	time.Sleep(5 * time.Millisecond)
+	cut := time.Now()
+	time.Sleep(5 * time.Millisecond)
+	seqs = append(seqs, apply(t, s, store.Mutation{PutSetting: &store.Setting{Key: "q"}}))
+	if n, err := cl.PruneChanges(ctx, cut); err != nil || n != 3 {
+		t.Errorf("PruneChanges(cut-off before the last change) = %d, %v; want 3", n, err)
+	}
+	assertPruned(t, cl, seqs[2], seqs[3:])
+	// An earlier cut-off finds nothing left to prune, and the mark stays.
+	if n, err := cl.PruneChanges(ctx, cut.Add(-time.Hour)); err != nil || n != 0 {
+		t.Errorf("PruneChanges(earlier cut-off) = %d, %v; want 0", n, err)
+	}
+	assertPruned(t, cl, seqs[2], seqs[3:])
+
 	// Pruning everything keeps the newest entry, so ChangeSeq holds.
-	if n, err := cl.PruneChanges(ctx, seqs[2]); err != nil || n != 2 {
-		t.Errorf("PruneChanges = %d, %v; want 2", n, err)
+	seqs = append(seqs, apply(t, s, store.Mutation{PutSetting: &store.Setting{Key: "r"}}))
+	if n, err := cl.PruneChanges(ctx, time.Now().Add(time.Hour)); err != nil || n != 1 {
+		t.Errorf("PruneChanges(cut-off after every change) = %d, %v; want 1", n, err)
 	}
-	check(t, "ChangeSeq after prune", load(t, s).ChangeSeq, seqs[2])
-	if seq := apply(t, s, store.Mutation{DeleteUser: 1}); seq <= seqs[2] {
-		t.Errorf("seq after prune %d, want > %d", seq, seqs[2])
+	assertPruned(t, cl, seqs[3], seqs[4:])
+	check(t, "ChangeSeq after prune", load(t, s).ChangeSeq, seqs[4])
+	if seq := apply(t, s, store.Mutation{DeleteUser: 1}); seq <= seqs[4] {
+		t.Errorf("seq after prune %d, want > %d", seq, seqs[4])
 	}
+}
+
+// assertPruned checks that the change log was pruned through seq through:
+// reading from below it fails with store.ErrPruned, reading from it
+// returns the entries rest.
+func assertPruned(t *testing.T, cl ChangeLog, through int64, rest []int64) {
+	t.Helper()
+	ctx := context.Background()
+	for _, seq := range []int64{0, through - 1} {
+		if _, err := cl.ChangesSince(ctx, seq); !errors.Is(err, store.ErrPruned) {
+			t.Errorf("ChangesSince(%d) after pruning through %d: error %v, want ErrPruned", seq, through, err)
+		}
+	}
+	changes, err := cl.ChangesSince(ctx, through)
+	if err != nil {
+		t.Fatalf("ChangesSince(%d) after pruning through %d: %v", through, through, err)
+	}
+	var got []int64
+	for _, c := range changes {
+		got = append(got, c.Seq)
+	}
+	check(t, fmt.Sprintf("seqs after %d", through), got, rest)
 }
 
 func testConcurrentApply(t *testing.T, open Opener) {
