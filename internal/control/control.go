@@ -26,6 +26,7 @@ import (
 	"github.com/tailplane/tailplane/internal/netmap"
 	"github.com/tailplane/tailplane/internal/session"
 	"github.com/tailplane/tailplane/internal/state"
+	"github.com/tailplane/tailplane/internal/store"
 )
 
 // MinCapVer is the oldest client capability version served: Tailscale
@@ -78,20 +79,27 @@ type Server struct {
 	// timerMu guards the per-node timers: ephemeral expiry, and marking
 	// nodes offline when their grace has passed.
 	timerMu   sync.Mutex
-	ephTimers map[uint64]*time.Timer
-	offTimers map[uint64]*time.Timer
+	ephTimers map[uint64]nodeTimer
+	offTimers map[uint64]nodeTimer
+}
+
+// nodeTimer is a pending timer of a node, and when it was set.
+type nodeTimer struct {
+	t   *time.Timer
+	set time.Time
 }
 
 // New returns the protocol handler.
 func New(o Options) *Server {
 	s := &Server{
 		st: o.State, eng: o.Engine, noiseKey: o.NoiseKey, log: o.Logger,
-		ephTO: o.EphemeralTimeout, ephTimers: map[uint64]*time.Timer{},
-		offGrace: o.OfflineGrace, offTimers: map[uint64]*time.Timer{}, rsGrace: o.RestartGrace,
+		ephTO: o.EphemeralTimeout, ephTimers: map[uint64]nodeTimer{},
+		offGrace: o.OfflineGrace, offTimers: map[uint64]nodeTimer{}, rsGrace: o.RestartGrace,
 	}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
+	s.st.Subscribe(s)
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("GET /key", s.serveKey)
 	s.mux.HandleFunc("/ts2021", s.serveNoise)
@@ -369,6 +377,9 @@ func (s *Server) scheduleEphemeralExpiry(id uint64) {
 		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 		defer cancel()
 		if err := s.st.DeleteNode(ctx, id); err != nil {
+			if errors.Is(err, store.ErrNotFound) {
+				return // another replica deleted it first
+			}
 			s.log.Error("deleting disconnected ephemeral node", "node", id, "err", err)
 			return
 		}
@@ -404,27 +415,52 @@ func (s *Server) cancelOffline(id uint64) { s.cancel(s.offTimers, id) }
 
 // after runs fn for node id once d has passed, replacing the node's
 // pending timer in timers.
-func (s *Server) after(timers map[uint64]*time.Timer, id uint64, d time.Duration, fn func()) {
+func (s *Server) after(timers map[uint64]nodeTimer, id uint64, d time.Duration, fn func()) {
 	s.timerMu.Lock()
 	defer s.timerMu.Unlock()
-	if t := timers[id]; t != nil {
-		t.Stop()
+	if nt, ok := timers[id]; ok {
+		nt.t.Stop()
 	}
-	timers[id] = time.AfterFunc(d, func() {
+	var t *time.Timer
+	t = time.AfterFunc(d, func() {
 		s.timerMu.Lock()
-		delete(timers, id)
+		if timers[id].t == t {
+			delete(timers, id)
+		}
 		s.timerMu.Unlock()
 		fn()
 	})
+	timers[id] = nodeTimer{t: t, set: time.Now()}
 }
 
 // cancel stops the node's pending timer in timers.
-func (s *Server) cancel(timers map[uint64]*time.Timer, id uint64) {
+func (s *Server) cancel(timers map[uint64]nodeTimer, id uint64) {
 	s.timerMu.Lock()
 	defer s.timerMu.Unlock()
-	if t := timers[id]; t != nil {
-		t.Stop()
+	if nt, ok := timers[id]; ok {
+		nt.t.Stop()
 		delete(timers, id)
+	}
+}
+
+// Notify implements state.Sink: a node that another replica saw come
+// online after its stream here ended is that replica's now, so this one's
+// timers must not mark it offline or delete it (ephemeral).
+func (s *Server) Notify(ev state.Event) {
+	if !ev.Foreign || ev.Kind != state.NodeChanged {
+		return
+	}
+	n := s.st.Node(ev.NodeID)
+	if n == nil || !n.Online {
+		return
+	}
+	s.timerMu.Lock()
+	defer s.timerMu.Unlock()
+	for _, timers := range []map[uint64]nodeTimer{s.offTimers, s.ephTimers} {
+		if nt, ok := timers[ev.NodeID]; ok && n.LastSeen.After(nt.set) {
+			nt.t.Stop()
+			delete(timers, ev.NodeID)
+		}
 	}
 }
 

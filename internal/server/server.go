@@ -58,6 +58,69 @@ func openStore(ctx context.Context, cfg config.Config) (store.Store, error) {
 	}
 }
 
+// replicaStore is a store that several replicas can share.
+type replicaStore interface {
+	state.Follower
+	// Alone reports whether no other replica is running on the store.
+	// Called before Follow: a following replica counts as running.
+	Alone(ctx context.Context) (bool, error)
+}
+
+// followReplicas makes st follow the other replicas sharing db, if db can
+// be shared, and reports whether this process is the only one running. A
+// follower that can no longer follow sends its error on fellBehind.
+func followReplicas(ctx context.Context, db store.Store, st *state.State, log *slog.Logger) (alone bool, fellBehind <-chan error, err error) {
+	rs, ok := db.(replicaStore)
+	if !ok {
+		return true, nil, nil
+	}
+	if alone, err = rs.Alone(ctx); err != nil {
+		return false, nil, err
+	}
+	fellBehind = st.Follow(ctx, rs)
+	if err := st.CatchUp(ctx); err != nil {
+		return false, nil, err
+	}
+	log.Info("following the changes of other replicas sharing the database", "other_replicas_running", !alone)
+	return alone, fellBehind, nil
+}
+
+// Change-log pruning: every commit appends an entry, which only replicas
+// following each other read, within seconds. Entries older than
+// changeLogKeep go every pruneEvery; a replica that falls further behind
+// than that stops (state.Follow) and reloads when restarted.
+const (
+	changeLogKeep = time.Hour
+	pruneEvery    = 10 * time.Minute
+)
+
+// changePruner is a store whose change log can be pruned.
+type changePruner interface {
+	PruneChanges(ctx context.Context, before time.Time) (int64, error)
+}
+
+// pruneChanges deletes change-log entries older than keep, every every,
+// until ctx ends.
+func pruneChanges(ctx context.Context, p changePruner, every, keep time.Duration, log *slog.Logger) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		start := time.Now()
+		n, err := p.PruneChanges(ctx, start.Add(-keep))
+		switch {
+		case err != nil && ctx.Err() == nil:
+			log.Error("pruning the change log failed; retrying later", "err", err)
+		case n > 0:
+			log.Info("pruned the change log", "entries", n, "older_than", keep, "took", time.Since(start).Round(time.Millisecond))
+		}
+	}
+}
+
 // loadOrCreateKey keeps a server key in the store so it survives restarts
 // and is shared by replicas.
 func loadOrCreateKey[T any, PT interface {
@@ -127,6 +190,10 @@ func Run(parent context.Context, cfg config.Config) error {
 	}
 	defer st.Close()
 	log.Info("state loaded", "users", len(st.Users()), "nodes", len(st.Nodes()), "took", time.Since(loadStart).Round(time.Millisecond))
+	alone, fellBehind, err := followReplicas(ctx, db, st, log)
+	if err != nil {
+		return err
+	}
 
 	if cfg.Policy.Mode == "file" {
 		loadPolicyFile(st, cfg.Policy.File, log)
@@ -163,7 +230,11 @@ func Run(parent context.Context, cfg config.Config) error {
 		ctlOpts.DERP = derpSrv.Handler()
 	}
 	ctl := control.New(ctlOpts)
-	ctl.PresumeOnline()
+	if alone {
+		ctl.PresumeOnline()
+	} else {
+		log.Info("other replicas are running: nodes recorded online stay so, as they may be connected there")
+	}
 	ctl.ExpireStaleEphemerals()
 
 	srv := &http.Server{
@@ -200,6 +271,12 @@ func Run(parent context.Context, cfg config.Config) error {
 	}
 	if cfg.Policy.Mode == "file" {
 		go watchPolicyFile(ctx, st, cfg.Policy.File, log)
+	}
+	if p, ok := db.(changePruner); ok {
+		go pruneChanges(ctx, p, pruneEvery, changeLogKeep, log)
+	}
+	if fellBehind != nil {
+		go func() { errc <- <-fellBehind }()
 	}
 
 	stunInfo := "off"

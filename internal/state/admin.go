@@ -31,6 +31,19 @@ func (s *State) CreateUser(ctx context.Context, name, email string) (*User, erro
 	if email != "" && !strings.Contains(email, "@") {
 		return nil, fmt.Errorf("invalid email %q", email)
 	}
+	var u *User
+	err := s.retryConflict(ctx, func() error {
+		var err error
+		u, err = s.createUser(ctx, name, email)
+		return err
+	})
+	return u, err
+}
+
+// createUser is one attempt of CreateUser. The user is created, not
+// upserted, so that it cannot overwrite one another replica created with
+// the same id.
+func (s *State) createUser(ctx context.Context, name, email string) (*User, error) {
 	s.mu.Lock()
 	if _, ok := s.usersByName[name]; ok {
 		s.mu.Unlock()
@@ -41,10 +54,14 @@ func (s *State) CreateUser(ctx context.Context, name, email string) (*User, erro
 	s.users[u.ID] = u
 	s.usersByName[name] = u
 	s.mu.Unlock()
-	if err := s.commit.commit(ctx, []store.Mutation{{PutUser: toStoreUser(u)}}); err != nil {
+	if err := s.commit.commit(ctx, []store.Mutation{{CreateUser: toStoreUser(u)}}); err != nil {
 		s.mu.Lock()
-		delete(s.users, u.ID)
-		delete(s.usersByName, name)
+		if s.users[u.ID] == u {
+			delete(s.users, u.ID)
+		}
+		if s.usersByName[name] == u {
+			delete(s.usersByName, name)
+		}
 		s.mu.Unlock()
 		return nil, fmt.Errorf("create user: %w", err)
 	}
@@ -385,7 +402,9 @@ func (s *State) UpdateFromClient(id uint64, u ClientUpdate) {
 func (s *State) SetOnline(id uint64, online bool) {
 	s.mu.Lock()
 	old := s.nodes[id]
-	if old == nil || old.Online == online {
+	// Among replicas a node coming online is always written: the replica
+	// it left may still count it as its own, offline soon (see Follow).
+	if old == nil || old.Online == online && !(online && s.following()) {
 		s.mu.Unlock()
 		return
 	}

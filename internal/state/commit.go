@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tailplane/tailplane/internal/store"
@@ -34,6 +35,14 @@ type committer struct {
 	// closeMu orders sends against close: senders hold it shared.
 	closeMu sync.RWMutex
 	closed  bool
+
+	// writeMu is held across each Apply until its seq is in own, so a
+	// follower that read an entry can wait to learn whether it is ours.
+	// own holds the seqs of this process's entries while it follows
+	// (record), until the follower passes them.
+	writeMu sync.Mutex
+	record  atomic.Bool
+	own     map[int64]bool
 }
 
 // errClosed is returned for writes after the state was closed.
@@ -121,7 +130,7 @@ func (c *committer) apply(batch []*commitReq) {
 	for _, r := range batch {
 		all = append(all, r.muts...)
 	}
-	_, err := c.st.Apply(context.Background(), all)
+	_, err := c.applyMuts(all)
 	if c.metrics != nil {
 		c.metrics(len(batch), time.Since(start))
 	}
@@ -133,9 +142,48 @@ func (c *committer) apply(batch []*commitReq) {
 	}
 	// One request's failure must not fail its neighbours: retry each alone.
 	for _, r := range batch {
-		_, err := c.st.Apply(context.Background(), r.muts)
+		_, err := c.applyMuts(r.muts)
 		c.finish(r, err)
 	}
+}
+
+// applyMuts applies one transaction and, while the state follows other
+// replicas, remembers its change-log seq as this process's own.
+func (c *committer) applyMuts(muts []store.Mutation) (int64, error) {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	seq, err := c.st.Apply(context.Background(), muts)
+	if err == nil && c.record.Load() {
+		c.own[seq] = true
+	}
+	return seq, err
+}
+
+// recordOwn starts remembering the seqs of this process's transactions.
+func (c *committer) recordOwn() {
+	c.writeMu.Lock()
+	c.own = map[int64]bool{}
+	c.record.Store(true)
+	c.writeMu.Unlock()
+}
+
+// recording reports whether recordOwn was called.
+func (c *committer) recording() bool { return c.record.Load() }
+
+// takeOwn returns the seqs up to upTo that this process wrote, and forgets
+// them. Any transaction whose entry a follower has read has committed, so
+// waiting for writeMu is waiting for its Apply to return and record it.
+func (c *committer) takeOwn(upTo int64) map[int64]bool {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	out := map[int64]bool{}
+	for seq := range c.own {
+		if seq <= upTo {
+			out[seq] = true
+			delete(c.own, seq)
+		}
+	}
+	return out
 }
 
 func (c *committer) finish(r *commitReq, err error) {

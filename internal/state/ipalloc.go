@@ -66,15 +66,27 @@ func newIPAllocator(v4, v6 netip.Prefix, cursors [2][]byte) (*ipAllocator, error
 		if len(cursors[i]) == 0 {
 			continue
 		}
-		n, err := strconv.ParseUint(string(cursors[i]), 10, 32)
-		if err != nil {
-			return nil, fmt.Errorf("state: bad stored address cursor %q: %w", cursors[i], err)
-		}
-		if uint32(n) >= l.lo && uint32(n) < l.hi {
-			l.next = uint32(n)
+		if err := a.setCursor(l.setting, cursors[i]); err != nil {
+			return nil, fmt.Errorf("state: stored %w", err)
 		}
 	}
 	return a, nil
+}
+
+// setCursor moves the lane persisted under setting to the stored cursor
+// value, as another replica left it: it continues after the addresses
+// that replica handed out instead of trying them first.
+func (a *ipAllocator) setCursor(setting string, value []byte) error {
+	n, err := strconv.ParseUint(string(value), 10, 32)
+	if err != nil {
+		return fmt.Errorf("address cursor %q: %w", value, err)
+	}
+	for i := range a.lanes {
+		if l := &a.lanes[i]; l.setting == setting && uint32(n) >= l.lo && uint32(n) < l.hi {
+			l.next = uint32(n)
+		}
+	}
+	return nil
 }
 
 func (a *ipAllocator) markUsed(v4, v6 netip.Addr) {

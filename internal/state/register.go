@@ -43,8 +43,20 @@ type RegisterResult struct {
 
 // Register admits a node: it validates the pre-auth key, consumes a
 // one-off key in the same step, allocates addresses for a new node and
-// makes it all durable before returning.
+// makes it all durable before returning. Among replicas, a registration
+// that clashes with another replica's (the same id, address or name, or
+// the same one-off key) is tried again once this one has caught up.
 func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult, error) {
+	var res *RegisterResult
+	err := s.retryConflict(ctx, func() error {
+		var err error
+		res, err = s.register(ctx, p)
+		return err
+	})
+	return res, err
+}
+
+func (s *State) register(ctx context.Context, p RegisterParams) (*RegisterResult, error) {
 	now := s.now()
 	s.mu.Lock()
 	existing := s.byNodeKey[p.NodeKey]
@@ -135,17 +147,20 @@ func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult
 	return s.putNodeLocked(ctx, existing, n, muts, consumed)
 }
 
-// putNodeLocked installs n (replacing old, which may be nil), commits it
+// putNodeLocked installs n (replacing old; nil for a new node), commits it
 // with extra mutations, and undoes the in-memory change if the commit
-// fails. It unlocks s.mu.
+// fails. It unlocks s.mu. A new node is created, not upserted, so that it
+// cannot overwrite a node another replica created with the same id.
 func (s *State) putNodeLocked(ctx context.Context, old, n *Node, extra []store.Mutation, consumed *PreAuthKey) (*RegisterResult, error) {
+	put := store.Mutation{PutNode: toStoreNode(n)}
 	if old != nil {
 		s.replaceNode(old, n)
 	} else {
 		s.indexNode(n)
+		put = store.Mutation{CreateNode: put.PutNode}
 	}
 	u := s.users[n.UserID]
-	muts := append(extra, store.Mutation{PutNode: toStoreNode(n)})
+	muts := append(extra, put)
 	s.mu.Unlock()
 
 	if err := s.commit.commit(ctx, muts); err != nil {
@@ -155,6 +170,14 @@ func (s *State) putNodeLocked(ctx context.Context, old, n *Node, extra []store.M
 			s.indexNode(old)
 		} else {
 			s.ips.release(n.IPv4, n.IPv6)
+		}
+		// Another replica's node that arrived meanwhile (it may be why
+		// the commit failed) keeps its addresses and indexes.
+		for _, o := range s.nodes {
+			if o.IPv4 == n.IPv4 || o.IPv6 == n.IPv6 || o.ID == n.ID {
+				s.indexNode(o)
+				s.ips.markUsed(o.IPv4, o.IPv6)
+			}
 		}
 		if consumed != nil {
 			consumed.Used = false

@@ -105,6 +105,8 @@ const (
 type Event struct {
 	Kind   EventKind
 	NodeID uint64
+	// Foreign: another replica made the change (see Follow).
+	Foreign bool
 }
 
 // Sink receives events. Notify must not block.
@@ -147,6 +149,12 @@ type State struct {
 	settings    map[string][]byte
 	pol         *policy.Policy
 	polText     []byte
+
+	// followMu serializes catching up with other replicas (Follow);
+	// seq is the last change-log entry in memory.
+	followMu sync.Mutex
+	follower Follower
+	seq      int64
 }
 
 // Setting keys kept in the store.
@@ -185,6 +193,7 @@ func New(ctx context.Context, opts Options) (*State, error) {
 		nextUserID:  1,
 		nextNodeID:  1,
 		settings:    snap.Settings,
+		seq:         snap.ChangeSeq,
 	}
 	if s.settings == nil {
 		s.settings = map[string][]byte{}
@@ -272,8 +281,12 @@ func (s *State) indexNode(n *Node) {
 	s.givenNames[n.GivenName] = n.ID
 }
 
+// unindexNode removes n. A node another replica created with the same id
+// meanwhile (see Follow) stays in s.nodes; the caller re-indexes it.
 func (s *State) unindexNode(n *Node) {
-	delete(s.nodes, n.ID)
+	if s.nodes[n.ID] == n {
+		delete(s.nodes, n.ID)
+	}
 	if cur, ok := s.byNodeKey[n.NodeKey]; ok && cur.ID == n.ID {
 		delete(s.byNodeKey, n.NodeKey)
 	}

@@ -1,0 +1,101 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/tailplane/tailplane/internal/realclient"
+	"github.com/tailplane/tailplane/internal/store/postgres/pgtest"
+)
+
+// TestReplicas runs two tailplane servers on one PostgreSQL database, as
+// replicas: real clients joined to different replicas see and reach each
+// other, and what an admin does on one replica (users, keys, deleting a
+// node) takes effect on the other.
+func TestReplicas(t *testing.T) {
+	t.Parallel()
+	dsn := pgtest.SchemaDSN(t)
+	a := startServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
+	b := startServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
+
+	a.mustCLI(t, "users", "create", "alice")
+	// The user made on a is known to b once b has followed a's change.
+	var key authKey
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := realclient.Eventually(ctx, 100*time.Millisecond, func() error {
+		out, err := b.CLI(ctx, "keys", "create", "--user", "alice", "--reusable", "--output", "json")
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		if err := json.Unmarshal(out, &key); err != nil || key.Key == "" {
+			return fmt.Errorf("keys create: want JSON with a key, got %q (%v)", out, err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("replica b never learned replica a's user: %v", err)
+	}
+
+	t0 := time.Now()
+	n1 := join(t, a, key.Key, nil, "r1")[0]
+	n2 := join(t, b, key.Key, nil, "r2")[0]
+	if !t.Run("peers", func(t *testing.T) { checkFullMesh(t, []*member{n1, n2}) }) {
+		t.FailNow()
+	}
+	t.Logf("clients on two replicas see each other %v after the joins started", time.Since(t0).Round(time.Millisecond))
+	if n1.ip4 == n2.ip4 {
+		t.Fatalf("both replicas gave %v", n1.ip4)
+	}
+
+	t.Run("tcp", func(t *testing.T) {
+		for _, m := range []*member{n1, n2} {
+			if err := m.Serve(t.Context(), servePort, "hello from "+m.Name()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		checkHello(t, n1, n2)
+		checkHello(t, n2, n1)
+	})
+
+	t.Run("delete-on-other-replica", func(t *testing.T) {
+		// n3 joins a with a one-off key made on b; b deletes it.
+		oneOff := b.createKey(t, "alice")
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		if err := realclient.Eventually(ctx, 200*time.Millisecond, func() error {
+			if ns, err := a.listNodes(ctx); err != nil || len(ns) != 2 {
+				return fmt.Errorf("a lists %v (%v)", ns, err)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		n3 := join(t, a, oneOff.Key, nil, "r3")[0]
+		if err := waitPeer(t.Context(), n2, n3.ip4, true, convergeTimeout); err != nil {
+			t.Fatalf("a client of b does not see a node that joined a: %v", err)
+		}
+		var id uint64
+		if err := realclient.Eventually(ctx, 100*time.Millisecond, func() error {
+			n, ok := nodeByIP(b.mustListNodes(t), n3.ip4)
+			if !ok {
+				return fmt.Errorf("b does not list r3 (%v)", n3.ip4)
+			}
+			id = n.ID
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		b.mustCLI(t, "nodes", "delete", fmt.Sprint(id))
+		if err := waitPeer(t.Context(), n1, n3.ip4, false, removalTimeout); err != nil {
+			t.Errorf("node deleted on b is still a peer of a client of a: %v", err)
+		}
+		t.Logf("node deleted on b left a's client after %v", time.Since(start).Round(time.Millisecond))
+		if _, ok := nodeByIP(a.mustListNodes(t), n3.ip4); ok {
+			t.Error("a still lists the node b deleted")
+		}
+	})
+}

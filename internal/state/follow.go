@@ -1,0 +1,265 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/tailplane/tailplane/internal/policy"
+	"github.com/tailplane/tailplane/internal/store"
+)
+
+// Follower is a store that other replicas write to as well: its change log
+// and the notifications of new entries (postgres.Store is one).
+type Follower interface {
+	// ChangesSince returns the change-log entries after seq, oldest
+	// first, in bounded steps (call again until none is returned).
+	ChangesSince(ctx context.Context, seq int64) ([]store.Change, error)
+	// Listen calls fn when entries may have been added, starting with one
+	// call right after it subscribed, until ctx ends or the connection
+	// fails.
+	Listen(ctx context.Context, fn func(seq int64)) error
+}
+
+// Retry delays of the follower after a failed catch-up or a lost
+// notification connection.
+const (
+	followRetryMin = 500 * time.Millisecond
+	followRetryMax = 30 * time.Second
+)
+
+// Follow makes the state a replica of the tailnet kept in f: changes other
+// replicas commit reach memory, and the sinks, within a notification's
+// round trip. Entries this process wrote are skipped; they are in memory
+// already. It starts the follower's goroutines, which end with ctx. Call
+// it once, right after New and before the state serves anything, so that
+// every write of this process is known as its own.
+//
+// The returned channel receives the error that stops the follower for
+// good: the change log was pruned past the entries it had yet to read
+// (store.ErrPruned), so only loading the whole state again (a restart)
+// brings this replica back in step.
+func (s *State) Follow(ctx context.Context, f Follower) <-chan error {
+	fatal := make(chan error, 1)
+	s.followMu.Lock()
+	s.follower = f
+	s.followMu.Unlock()
+	s.commit.recordOwn()
+	wake := make(chan struct{}, 1)
+	poke := func(int64) {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+	}
+	go func() {
+		delay := followRetryMin
+		for {
+			start := time.Now()
+			err := f.Listen(ctx, poke)
+			if ctx.Err() != nil {
+				return
+			}
+			if time.Since(start) > followRetryMax {
+				delay = followRetryMin // it had worked for a while
+			}
+			s.log.Warn("lost the change notifications of other replicas; reconnecting", "err", err, "retry_in", delay)
+			if !sleepCtx(ctx, delay) {
+				return
+			}
+			delay = min(2*delay, followRetryMax)
+		}
+	}()
+	go func() {
+		delay := followRetryMin
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-wake:
+			}
+			if err := s.CatchUp(ctx); err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				if errors.Is(err, store.ErrPruned) {
+					fatal <- fmt.Errorf("this replica fell behind the other replicas' change log and must restart to reload the tailnet: %w", err)
+					return
+				}
+				s.log.Error("reading other replicas' changes failed; retrying", "err", err, "retry_in", delay)
+				poke(0)
+				if !sleepCtx(ctx, delay) {
+					return
+				}
+				delay = min(2*delay, followRetryMax)
+				continue
+			}
+			delay = followRetryMin
+		}
+	}()
+	return fatal
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// following reports whether the state follows other replicas (Follow).
+func (s *State) following() bool { return s.commit.recording() }
+
+// CatchUp applies every change other replicas committed since the last one
+// applied, and reports them to the sinks. It returns at once for a state
+// that does not follow a store.
+func (s *State) CatchUp(ctx context.Context) error {
+	s.followMu.Lock()
+	defer s.followMu.Unlock()
+	if s.follower == nil {
+		return nil
+	}
+	for {
+		changes, err := s.follower.ChangesSince(ctx, s.seq)
+		if err != nil {
+			return fmt.Errorf("state: read changes after %d: %w", s.seq, err)
+		}
+		if len(changes) == 0 {
+			return nil
+		}
+		own := s.commit.takeOwn(changes[len(changes)-1].Seq)
+		var evs []Event
+		s.mu.Lock()
+		for _, ch := range changes {
+			if !own[ch.Seq] {
+				evs = s.applyChangeLocked(ch, evs)
+			}
+			s.seq = ch.Seq
+		}
+		s.mu.Unlock()
+		for _, ev := range evs {
+			s.emit(ev)
+		}
+	}
+}
+
+// applyChangeLocked applies another replica's committed change to memory
+// and appends the events it causes to evs.
+func (s *State) applyChangeLocked(ch store.Change, evs []Event) []Event {
+	for _, m := range ch.Mutations {
+		switch {
+		case m.PutUser != nil || m.CreateUser != nil:
+			su := m.PutUser
+			if su == nil {
+				su = m.CreateUser
+			}
+			u := fromStoreUser(su)
+			if old := s.users[u.ID]; old != nil && s.usersByName[old.Name] == old {
+				delete(s.usersByName, old.Name)
+			}
+			s.users[u.ID] = u
+			s.usersByName[u.Name] = u
+			s.nextUserID = max(s.nextUserID, u.ID+1)
+			evs = append(evs, Event{Kind: UsersChanged, Foreign: true})
+		case m.DeleteUser != 0:
+			if u := s.users[m.DeleteUser]; u != nil {
+				delete(s.users, u.ID)
+				if s.usersByName[u.Name] == u {
+					delete(s.usersByName, u.Name)
+				}
+			}
+			for id, k := range s.keys {
+				if k.UserID == m.DeleteUser {
+					delete(s.keys, id) // the store deletes them with the user
+				}
+			}
+			evs = append(evs, Event{Kind: UsersChanged, Foreign: true})
+		case m.PutNode != nil || m.CreateNode != nil:
+			sn := m.PutNode
+			if sn == nil {
+				sn = m.CreateNode
+			}
+			n, err := fromStoreNode(sn)
+			if err != nil {
+				s.log.Error("skipping another replica's node that does not decode", "node", sn.ID, "change", ch.Seq, "err", err)
+				continue
+			}
+			if old := s.nodes[n.ID]; old != nil {
+				s.unindexNode(old)
+				s.ips.release(old.IPv4, old.IPv6)
+			}
+			s.indexNode(n)
+			s.ips.markUsed(n.IPv4, n.IPv6)
+			s.nextNodeID = max(s.nextNodeID, n.ID+1)
+			evs = append(evs, Event{Kind: NodeChanged, NodeID: n.ID, Foreign: true})
+		case m.DeleteNode != 0:
+			if n := s.nodes[m.DeleteNode]; n != nil {
+				s.unindexNode(n)
+				s.ips.release(n.IPv4, n.IPv6)
+			}
+			evs = append(evs, Event{Kind: NodeChanged, NodeID: m.DeleteNode, Foreign: true})
+		case m.PutKey != nil:
+			k := *m.PutKey
+			s.keys[k.ID] = &k
+		case m.ConsumeKey != "":
+			if k := s.keys[m.ConsumeKey]; k != nil {
+				c := *k
+				c.Used = true
+				s.keys[c.ID] = &c
+			}
+		case m.PutSetting != nil:
+			evs = s.applySettingLocked(m.PutSetting.Key, m.PutSetting.Value, ch.Seq, evs)
+		}
+	}
+	return evs
+}
+
+// applySettingLocked applies another replica's setting: a policy becomes
+// the active one, an address cursor moves this replica's lane past the
+// addresses the other handed out.
+func (s *State) applySettingLocked(name string, value []byte, seq int64, evs []Event) []Event {
+	s.settings[name] = value
+	switch name {
+	case SettingPolicy:
+		p := policy.Default()
+		if len(value) > 0 {
+			var err error
+			if p, err = policy.Parse(value); err != nil {
+				// The other replica accepted it; this one's parser may be
+				// older. Keep the active policy rather than open up.
+				s.log.Error("another replica set a policy this one cannot parse; keeping the active policy", "change", seq, "err", err)
+				return evs
+			}
+		}
+		s.pol, s.polText = p, value
+		evs = append(evs, Event{Kind: PolicyChanged, Foreign: true})
+	case SettingNextIPv4, SettingNextIPv4Tagged:
+		if err := s.ips.setCursor(name, value); err != nil {
+			s.log.Error("ignoring another replica's address cursor", "setting", name, "change", seq, "err", err)
+		}
+	}
+	return evs
+}
+
+// retryConflict runs op again after catching up with the other replicas
+// when it failed because one of them committed a clashing change first
+// (an id, address or name taken, a one-off key consumed): catching up
+// makes the next attempt see it. A state that does not follow returns
+// op's error as is.
+func (s *State) retryConflict(ctx context.Context, op func() error) error {
+	const attempts = 3
+	for i := 1; ; i++ {
+		err := op()
+		if err == nil || !errors.Is(err, store.ErrConflict) || !s.following() || i == attempts {
+			return err
+		}
+		if cerr := s.CatchUp(ctx); cerr != nil {
+			return errors.Join(err, cerr)
+		}
+	}
+}

@@ -1,0 +1,271 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tailplane/tailplane/internal/store"
+	"github.com/tailplane/tailplane/internal/store/sqlite"
+)
+
+// pollFollower lets two states in one process share a SQLite file as
+// replicas: its change log, with the notifications a PostgreSQL store
+// sends replaced by a short poll.
+type pollFollower struct{ *sqlite.Store }
+
+func (f pollFollower) Listen(ctx context.Context, fn func(int64)) error {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		fn(0)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// eventLog is a Sink that keeps every event.
+type eventLog struct {
+	mu  sync.Mutex
+	evs []Event
+}
+
+func (l *eventLog) Notify(ev Event) {
+	l.mu.Lock()
+	l.evs = append(l.evs, ev)
+	l.mu.Unlock()
+}
+
+func (l *eventLog) foreign() []Event {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []Event
+	for _, ev := range l.evs {
+		if ev.Foreign {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+// replica opens a state on the shared database file that follows the
+// others until the test ends.
+func replica(t *testing.T, path string) (*State, *eventLog) {
+	t.Helper()
+	db, err := sqlite.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	s := newState(t, db)
+	t.Cleanup(s.Close)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	s.Follow(ctx, pollFollower{db})
+	l := &eventLog{}
+	s.Subscribe(l)
+	return s, l
+}
+
+// eventually polls cond for up to 5 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(5 * time.Second); !cond(); {
+		if time.Now().After(end) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestReplicasFollowEachOther(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "shared.db")
+	a, aLog := replica(t, path)
+	b, bLog := replica(t, path)
+
+	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "b knows alice", func() bool { _, err := b.UserByName("alice"); return err == nil })
+	// A key made on b admits a node on a.
+	authKey := mustKey(t, b, KeyParams{User: "alice", Reusable: true})
+	eventually(t, "a knows b's key", func() bool { return len(a.Keys()) == 1 })
+	res, err := a.Register(ctx, params(authKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := res.Node.ID
+	eventually(t, "b has a's node", func() bool { return b.Node(id) != nil })
+	if !slices.Contains(bLog.foreign(), Event{Kind: NodeChanged, NodeID: id, Foreign: true}) {
+		t.Errorf("b's sinks were not told of node %d: %v", id, bLog.foreign())
+	}
+
+	// Both replicas register at once from the same address cursor and id
+	// counter: clashes are caught up with and retried, none overwrites.
+	const each = 15
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	created := map[*State][]uint64{a: {id}}
+	for _, s := range []*State{a, b} {
+		for range each {
+			wg.Go(func() {
+				res, err := s.Register(ctx, params(authKey))
+				if err != nil {
+					t.Errorf("concurrent registration: %v", err)
+					return
+				}
+				mu.Lock()
+				created[s] = append(created[s], res.Node.ID)
+				mu.Unlock()
+			})
+		}
+	}
+	wg.Wait()
+	const total = 2*each + 1
+	eventually(t, "both replicas hold every node", func() bool { return len(a.Nodes()) == total && len(b.Nodes()) == total })
+	checkSameNodes(t, a, b)
+	snap, err := a.commit.st.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snap.Nodes) != total {
+		t.Errorf("the store holds %d nodes, want %d", len(snap.Nodes), total)
+	}
+
+	// A one-off key is used once across replicas.
+	once := mustKey(t, a, KeyParams{User: "alice"})
+	eventually(t, "b knows the one-off key", func() bool { return len(b.Keys()) == 2 })
+	var used, ok int
+	results := make(chan error, 2)
+	for _, s := range []*State{a, b} {
+		go func() { _, err := s.Register(ctx, params(once)); results <- err }()
+	}
+	for range 2 {
+		switch err := <-results; {
+		case err == nil:
+			ok++
+		case errors.Is(err, ErrKeyUsed) || errors.Is(err, store.ErrConflict):
+			used++
+		default:
+			t.Errorf("one-off key on two replicas: %v", err)
+		}
+	}
+	if ok != 1 || used != 1 {
+		t.Errorf("one-off key on two replicas: %d admitted, %d refused; want 1 and 1", ok, used)
+	}
+
+	// A policy set on one replica is active on the other; a node deleted
+	// on one leaves the other.
+	pol := []byte(`{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["alice@:22"]}]}`)
+	if err := b.SetPolicy(ctx, pol); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a enforces b's policy", func() bool { _, text := a.Policy(); return string(text) == string(pol) })
+	if !slices.Contains(aLog.foreign(), Event{Kind: PolicyChanged, Foreign: true}) {
+		t.Error("a's sinks were not told of b's policy")
+	}
+	if err := b.DeleteNode(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a dropped the node b deleted", func() bool { return a.Node(id) == nil })
+
+	// A replica is not told its own changes back as another's (b's
+	// deletion of node id aside).
+	for s, l := range map[*State]*eventLog{a: aLog, b: bLog} {
+		for _, ev := range l.foreign() {
+			if ev.Kind == NodeChanged && slices.Contains(created[s], ev.NodeID) && !(s == a && ev.NodeID == id) {
+				t.Errorf("node %d came back to the replica that created it as another's change", ev.NodeID)
+			}
+		}
+	}
+}
+
+// checkSameNodes checks that two replicas hold the same nodes, with unique
+// addresses and names.
+func checkSameNodes(t *testing.T, a, b *State) {
+	t.Helper()
+	seen := map[string]uint64{}
+	bn := b.Nodes()
+	for i, n := range a.Nodes() {
+		m := bn[i]
+		if n.ID != m.ID || n.IPv4 != m.IPv4 || n.IPv6 != m.IPv6 || n.GivenName != m.GivenName || n.NodeKey != m.NodeKey {
+			t.Errorf("replicas differ on node %d: %+v vs %+v", n.ID, n, m)
+		}
+		for _, k := range []string{n.IPv4.String(), n.IPv6.String(), "name " + n.GivenName} {
+			if other, dup := seen[k]; dup {
+				t.Errorf("nodes %d and %d share %s", other, n.ID, k)
+			}
+			seen[k] = n.ID
+		}
+	}
+	if t.Failed() {
+		t.Log(fmt.Sprint(len(a.Nodes()), " nodes"))
+	}
+}
+
+// pokedFollower follows a SQLite file when the test pokes it.
+type pokedFollower struct {
+	*sqlite.Store
+	poke chan struct{}
+}
+
+func (f pokedFollower) Listen(ctx context.Context, fn func(int64)) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-f.poke:
+			fn(0)
+		}
+	}
+}
+
+// TestFollowerBehindPrunedLog: a replica that has yet to read entries the
+// change log no longer holds stops following and says it must reload.
+func TestFollowerBehindPrunedLog(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "shared.db")
+	db, err := sqlite.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	s := newState(t, db)
+	defer s.Close()
+	f := pokedFollower{db, make(chan struct{})}
+	fatal := s.Follow(ctx, f)
+
+	// Another replica commits twice; the log is pruned before this one
+	// reads either.
+	other, err := sqlite.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	for _, name := range []string{"u1", "u2"} {
+		if _, err := other.Apply(ctx, []store.Mutation{{PutSetting: &store.Setting{Key: name, Value: []byte{1}}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, err := other.PruneChanges(ctx, time.Now().Add(time.Second)); err != nil || n != 1 {
+		t.Fatalf("PruneChanges = %d, %v; want 1 (the newest stays)", n, err)
+	}
+	f.poke <- struct{}{}
+	select {
+	case err := <-fatal:
+		if !errors.Is(err, store.ErrPruned) {
+			t.Errorf("follower stopped with %v, want store.ErrPruned", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the follower went on past a pruned change log")
+	}
+}
