@@ -46,7 +46,8 @@ Production: serve HTTPS with --tls-cert/--tls-key (clients reach the embedded
 DERP relay over TLS unless TS_DEBUG_USE_DERP_HTTP=1 is set on them), or run
 behind a reverse proxy that passes WebSocket/Upgrade requests and set
 --server-url to the public URL (see README). For several replicas use
---db-type postgres with a shared --postgres-dsn.
+--db-type postgres with a shared --postgres-dsn: each replica follows the
+others' changes; its embedded DERP relays only between its own clients.
 
 Clients older than Tailscale v1.80 are refused with a message saying so.`,
 		Example: `  tailplane serve
