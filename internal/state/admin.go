@@ -53,8 +53,10 @@ func (s *State) createUser(ctx context.Context, name, email string) (*User, erro
 	s.nextUserID++
 	s.users[u.ID] = u
 	s.usersByName[name] = u
+	muts := []store.Mutation{{CreateUser: toStoreUser(u)}}
+	s.commit.pend(muts)
 	s.mu.Unlock()
-	if err := s.commit.commit(ctx, []store.Mutation{{CreateUser: toStoreUser(u)}}); err != nil {
+	if err := s.commit.commit(ctx, muts); err != nil {
 		s.mu.Lock()
 		if s.users[u.ID] == u {
 			delete(s.users, u.ID)
@@ -100,8 +102,10 @@ func (s *State) RenameUser(ctx context.Context, oldName, newName string) (*User,
 	s.users[u.ID] = &u
 	delete(s.usersByName, oldName)
 	s.usersByName[newName] = &u
+	muts := []store.Mutation{{PutUser: toStoreUser(&u)}}
+	s.commit.pend(muts)
 	s.mu.Unlock()
-	if err := s.commit.commit(ctx, []store.Mutation{{PutUser: toStoreUser(&u)}}); err != nil {
+	if err := s.commit.commit(ctx, muts); err != nil {
 		s.mu.Lock()
 		s.users[u.ID] = old
 		delete(s.usersByName, newName)
@@ -144,6 +148,7 @@ func (s *State) DeleteUser(ctx context.Context, name string) error {
 	delete(s.users, u.ID)
 	delete(s.usersByName, name)
 	muts = append(muts, store.Mutation{DeleteUser: u.ID})
+	s.commit.pend(muts)
 	s.mu.Unlock()
 	if err := s.commit.commit(ctx, muts); err != nil {
 		s.mu.Lock()
@@ -207,6 +212,9 @@ func (s *State) CreateKeys(ctx context.Context, p KeyParams, count int) ([]Creat
 		out[i] = CreatedKey{PreAuthKey: k, Key: full}
 		muts[i] = store.Mutation{PutKey: &out[i].PreAuthKey}
 	}
+	// New random ids: no other replica writes them, so memory may follow
+	// the commit.
+	s.commit.pend(muts)
 	if err := s.commit.commit(ctx, muts); err != nil {
 		return nil, fmt.Errorf("create keys: %w", err)
 	}
@@ -252,8 +260,10 @@ func (s *State) ExpireKey(ctx context.Context, id string) error {
 	c := *k
 	c.Revoked = true
 	s.keys[id] = &c
+	muts := []store.Mutation{{PutKey: &c}}
+	s.commit.pend(muts)
 	s.mu.Unlock()
-	if err := s.commit.commit(ctx, []store.Mutation{{PutKey: &c}}); err != nil {
+	if err := s.commit.commit(ctx, muts); err != nil {
 		s.mu.Lock()
 		s.keys[id] = k
 		s.mu.Unlock()
@@ -291,8 +301,10 @@ func (s *State) DeleteNode(ctx context.Context, id uint64) error {
 		return fmt.Errorf("node %d: %w", id, ErrNotFound)
 	}
 	s.unindexNode(n)
+	muts := []store.Mutation{{DeleteNode: id}}
+	s.commit.pend(muts)
 	s.mu.Unlock()
-	if err := s.commit.commit(ctx, []store.Mutation{{DeleteNode: id}}); err != nil {
+	if err := s.commit.commit(ctx, muts); err != nil {
 		s.mu.Lock()
 		s.indexNode(n)
 		s.mu.Unlock()
@@ -389,9 +401,10 @@ func (s *State) UpdateFromClient(id uint64, u ClientUpdate) {
 		s.applyHostinfoLocked(n, u.Hostinfo)
 	}
 	s.replaceNode(old, n)
-	sn := toStoreNode(n)
+	muts := []store.Mutation{{PutNode: toStoreNode(n)}}
+	s.commit.pend(muts)
 	s.mu.Unlock()
-	s.commit.commitAsync([]store.Mutation{{PutNode: sn}})
+	s.commit.commitAsync(muts)
 	s.emit(Event{Kind: NodeChanged, NodeID: id})
 }
 
@@ -412,9 +425,10 @@ func (s *State) SetOnline(id uint64, online bool) {
 	n.Online = online
 	n.LastSeen = s.now().UTC()
 	s.replaceNode(old, n)
-	sn := toStoreNode(n)
+	muts := []store.Mutation{{PutNode: toStoreNode(n)}}
+	s.commit.pend(muts)
 	s.mu.Unlock()
-	s.commit.commitAsync([]store.Mutation{{PutNode: sn}})
+	s.commit.commitAsync(muts)
 	s.emit(Event{Kind: NodeChanged, NodeID: id})
 }
 
@@ -445,17 +459,9 @@ func (s *State) SetPolicy(ctx context.Context, text []byte) error {
 		return err
 	}
 	text = slices.Clone(text)
-	if err := s.commit.commit(ctx, []store.Mutation{{PutSetting: &store.Setting{Key: SettingPolicy, Value: text}}}); err != nil {
+	if err := s.putSetting(ctx, SettingPolicy, text, func() { s.pol, s.polText = p, text }); err != nil {
 		return fmt.Errorf("save policy: %w", err)
 	}
-	s.activatePolicy(p, text)
-	return nil
-}
-
-func (s *State) activatePolicy(p *policy.Policy, text []byte) {
-	s.mu.Lock()
-	s.pol, s.polText = p, text
-	s.settings[SettingPolicy] = text
-	s.mu.Unlock()
 	s.emit(Event{Kind: PolicyChanged})
+	return nil
 }

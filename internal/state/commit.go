@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/tailplane/tailplane/internal/store"
@@ -36,13 +35,10 @@ type committer struct {
 	closeMu sync.RWMutex
 	closed  bool
 
-	// writeMu is held across each Apply until its seq is in own, so a
-	// follower that read an entry can wait to learn whether it is ours.
-	// own holds the seqs of this process's entries while it follows
-	// (record), until the follower passes them.
+	// writeMu is held across each Apply until it is recorded in own, so
+	// a follower that read an entry can wait to learn whether it is ours.
 	writeMu sync.Mutex
-	record  atomic.Bool
-	own     map[int64]bool
+	own     ownWrites
 }
 
 // errClosed is returned for writes after the state was closed.
@@ -57,12 +53,18 @@ func newCommitter(st store.Store, log *slog.Logger, obs CommitObserver) *committ
 	return c
 }
 
+// pend marks the rows of muts as being written by this process (see
+// ownWrites); every commit and commitAsync needs one pend first, made
+// under the state lock together with the change to memory.
+func (c *committer) pend(muts []store.Mutation) { c.own.pend(muts) }
+
 // commit makes muts durable and waits for it.
 func (c *committer) commit(ctx context.Context, muts []store.Mutation) error {
 	r := &commitReq{muts: muts, done: make(chan error, 1)}
 	c.closeMu.RLock()
 	if c.closed {
 		c.closeMu.RUnlock()
+		c.own.unpend(muts, true)
 		return errClosed
 	}
 	select {
@@ -70,6 +72,7 @@ func (c *committer) commit(ctx context.Context, muts []store.Mutation) error {
 		c.closeMu.RUnlock()
 	case <-ctx.Done():
 		c.closeMu.RUnlock()
+		c.own.unpend(muts, true)
 		return ctx.Err()
 	}
 	// Once queued the write happens regardless of ctx: the caller must
@@ -83,11 +86,13 @@ func (c *committer) commitAsync(muts []store.Mutation) {
 	c.closeMu.RLock()
 	defer c.closeMu.RUnlock()
 	if c.closed {
+		c.own.unpend(muts, true)
 		return
 	}
 	select {
 	case c.reqs <- &commitReq{muts: muts}:
 	default:
+		c.own.unpend(muts, true)
 		c.log.Warn("commit queue full; dropping soft-state write", "mutations", len(muts))
 	}
 }
@@ -148,27 +153,16 @@ func (c *committer) apply(batch []*commitReq) {
 }
 
 // applyMuts applies one transaction and, while the state follows other
-// replicas, remembers its change-log seq as this process's own.
+// replicas, records it as this process's own.
 func (c *committer) applyMuts(muts []store.Mutation) (int64, error) {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
 	seq, err := c.st.Apply(context.Background(), muts)
-	if err == nil && c.record.Load() {
-		c.own[seq] = true
+	if err == nil {
+		c.own.committed(seq, muts)
 	}
 	return seq, err
 }
-
-// recordOwn starts remembering the seqs of this process's transactions.
-func (c *committer) recordOwn() {
-	c.writeMu.Lock()
-	c.own = map[int64]bool{}
-	c.record.Store(true)
-	c.writeMu.Unlock()
-}
-
-// recording reports whether recordOwn was called.
-func (c *committer) recording() bool { return c.record.Load() }
 
 // takeOwn returns the seqs up to upTo that this process wrote, and forgets
 // them. Any transaction whose entry a follower has read has committed, so
@@ -176,17 +170,11 @@ func (c *committer) recording() bool { return c.record.Load() }
 func (c *committer) takeOwn(upTo int64) map[int64]bool {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
-	out := map[int64]bool{}
-	for seq := range c.own {
-		if seq <= upTo {
-			out[seq] = true
-			delete(c.own, seq)
-		}
-	}
-	return out
+	return c.own.take(upTo)
 }
 
 func (c *committer) finish(r *commitReq, err error) {
+	c.own.unpend(r.muts, err != nil)
 	if r.done != nil {
 		r.done <- err
 		return

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"time"
 
 	"github.com/tailplane/tailplane/internal/policy"
@@ -45,7 +46,7 @@ func (s *State) Follow(ctx context.Context, f Follower) <-chan error {
 	s.followMu.Lock()
 	s.follower = f
 	s.followMu.Unlock()
-	s.commit.recordOwn()
+	s.commit.own.start()
 	wake := make(chan struct{}, 1)
 	poke := func(int64) {
 		select {
@@ -113,7 +114,7 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 }
 
 // following reports whether the state follows other replicas (Follow).
-func (s *State) following() bool { return s.commit.recording() }
+func (s *State) following() bool { return s.commit.own.active() }
 
 // CatchUp applies every change other replicas committed since the last one
 // applied, and reports them to the sinks. It returns at once for a state
@@ -123,6 +124,9 @@ func (s *State) CatchUp(ctx context.Context) error {
 	defer s.followMu.Unlock()
 	if s.follower == nil {
 		return nil
+	}
+	if err := s.redo(ctx); err != nil {
+		return err
 	}
 	for {
 		changes, err := s.follower.ChangesSince(ctx, s.seq)
@@ -137,10 +141,11 @@ func (s *State) CatchUp(ctx context.Context) error {
 		s.mu.Lock()
 		for _, ch := range changes {
 			if !own[ch.Seq] {
-				evs = s.applyChangeLocked(ch, evs)
+				evs = s.applyChangeLocked(ch, nil, evs)
 			}
 			s.seq = ch.Seq
 		}
+		s.commit.own.passed(s.seq)
 		s.mu.Unlock()
 		for _, ev := range evs {
 			s.emit(ev)
@@ -148,10 +153,49 @@ func (s *State) CatchUp(ctx context.Context) error {
 	}
 }
 
-// applyChangeLocked applies another replica's committed change to memory
-// and appends the events it causes to evs.
-func (s *State) applyChangeLocked(ch store.Change, evs []Event) []Event {
+// redo applies, up to the last entry read, the entries of rows that the
+// follower skipped for a write of this process that then failed: they are
+// the rows' last versions after all. Other rows' entries are not applied
+// again. Call it with followMu held.
+func (s *State) redo(ctx context.Context) error {
+	rows := s.commit.own.takeRedo()
+	from := s.seq
+	for _, seq := range rows {
+		from = min(from, seq-1)
+	}
+	for from < s.seq {
+		changes, err := s.follower.ChangesSince(ctx, from)
+		if err != nil {
+			return fmt.Errorf("state: read changes after %d again: %w", from, err)
+		}
+		var evs []Event
+		s.mu.Lock()
+		for _, ch := range changes {
+			if ch.Seq > s.seq {
+				break
+			}
+			evs = s.applyChangeLocked(ch, func(r row) bool { first, ok := rows[r]; return ok && ch.Seq >= first }, evs)
+			from = ch.Seq
+		}
+		s.mu.Unlock()
+		for _, ev := range evs {
+			s.emit(ev)
+		}
+		if len(changes) == 0 || changes[len(changes)-1].Seq > s.seq {
+			break
+		}
+	}
+	return nil
+}
+
+// applyChangeLocked applies another replica's committed change to memory,
+// only its mutations of the rows only selects when it is not nil, and
+// appends the events it causes to evs.
+func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Event) []Event {
 	for _, m := range ch.Mutations {
+		if r := rowOf(m); only != nil && !only(r) || s.commit.own.newer(r, ch.Seq) {
+			continue // not asked for, or this process's later write stands
+		}
 		switch {
 		case m.PutUser != nil || m.CreateUser != nil:
 			su := m.PutUser
@@ -251,11 +295,18 @@ func (s *State) applySettingLocked(name string, value []byte, seq int64, evs []E
 // (an id, address or name taken, a one-off key consumed): catching up
 // makes the next attempt see it. A state that does not follow returns
 // op's error as is.
+//
+// Replicas registering at the same time keep picking the same ids and
+// addresses, so the attempts are spaced by a random pause that grows:
+// one side gets ahead and the clashes stop.
 func (s *State) retryConflict(ctx context.Context, op func() error) error {
-	const attempts = 3
+	const attempts = 8
 	for i := 1; ; i++ {
 		err := op()
 		if err == nil || !errors.Is(err, store.ErrConflict) || !s.following() || i == attempts {
+			return err
+		}
+		if !sleepCtx(ctx, rand.N(time.Duration(i)*2*time.Millisecond)) {
 			return err
 		}
 		if cerr := s.CatchUp(ctx); cerr != nil {

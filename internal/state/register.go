@@ -161,6 +161,7 @@ func (s *State) putNodeLocked(ctx context.Context, old, n *Node, extra []store.M
 	}
 	u := s.users[n.UserID]
 	muts := append(extra, put)
+	s.commit.pend(muts)
 	s.mu.Unlock()
 
 	if err := s.commit.commit(ctx, muts); err != nil {

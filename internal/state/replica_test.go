@@ -269,3 +269,97 @@ func TestFollowerBehindPrunedLog(t *testing.T) {
 		t.Fatal("the follower went on past a pruned change log")
 	}
 }
+
+// TestNewerOwnWriteStands: two replicas rename one node at nearly the same
+// time, each before following the other's rename. The log's later rename
+// wins on both: the replica that wrote it does not put the other's older
+// one over it when it catches up.
+func TestNewerOwnWriteStands(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "shared.db")
+	open := func() *State {
+		db, err := sqlite.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { db.Close() })
+		s := newState(t, db)
+		t.Cleanup(s.Close)
+		f := pokedFollower{db, make(chan struct{})}
+		fctx, cancel := context.WithCancel(ctx)
+		t.Cleanup(cancel)
+		s.Follow(fctx, f)
+		return s
+	}
+	a := open()
+	b := open()
+	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
+		t.Fatal(err)
+	}
+	res, err := a.Register(ctx, params(mustKey(t, a, KeyParams{User: "alice"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := res.Node.ID
+	catchUp := func(s *State) {
+		t.Helper()
+		if err := s.CatchUp(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	catchUp(b)
+	if _, err := b.RenameNode(ctx, id, "from-b"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.RenameNode(ctx, id, "from-a"); err != nil {
+		t.Fatal(err)
+	}
+	catchUp(a)
+	catchUp(b)
+	snap, err := a.commit.st.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, got := range map[string]string{"a": a.Node(id).GivenName, "b": b.Node(id).GivenName, "store": snap.Nodes[0].GivenName} {
+		if got != "from-a" {
+			t.Errorf("%s has the node named %q, want the later rename, from-a", name, got)
+		}
+	}
+}
+
+// TestOwnWritesRewind checks the bookkeeping behind following: a row being
+// written or written later hides another replica's entry for it, and a
+// failed write makes the follower read the entries it hid again.
+func TestOwnWritesRewind(t *testing.T) {
+	var o ownWrites
+	o.start()
+	node := []store.Mutation{{DeleteNode: 7}}
+	r := rowOf(node[0])
+	o.pend(node)
+	if !o.newer(r, 5) || !o.newer(r, 6) {
+		t.Fatal("a pending write does not hide other replicas' entries")
+	}
+	o.unpend(node, true)
+	if got := o.takeRedo(); got[r] != 5 || len(got) != 1 {
+		t.Errorf("after a failed write, redo %v, want the node's entries from 5 (the first hidden)", got)
+	}
+	if o.newer(r, 8) {
+		t.Error("a failed write still hides entries")
+	}
+	o.pend(node)
+	o.newer(r, 9)
+	o.committed(12, node)
+	o.unpend(node, false)
+	if got := o.takeRedo(); got != nil {
+		t.Errorf("after a committed write, redo %v, want none", got)
+	}
+	if !o.newer(r, 11) || o.newer(r, 13) {
+		t.Error("a committed write must hide older entries only")
+	}
+	if own := o.take(12); !own[12] || !o.newer(r, 11) {
+		t.Errorf("take(12) = %v; entry 12 must still hide 11 until the follower passed it", own)
+	}
+	if o.passed(12); o.newer(r, 11) {
+		t.Error("an own write passed by the follower still hides entries")
+	}
+}

@@ -265,13 +265,40 @@ func (s *State) Setting(name string) []byte {
 
 // PutSetting stores a setting durably.
 func (s *State) PutSetting(ctx context.Context, name string, value []byte) error {
-	if err := s.commit.commit(ctx, []store.Mutation{{PutSetting: &store.Setting{Key: name, Value: value}}}); err != nil {
+	if err := s.putSetting(ctx, name, value, nil); err != nil {
 		return fmt.Errorf("state: save setting %s: %w", name, err)
 	}
-	s.mu.Lock()
-	s.settings[name] = value
-	s.mu.Unlock()
 	return nil
+}
+
+// putSetting sets a setting in memory, with what else apply changes under
+// the same lock, commits it, and undoes both if the commit fails. Memory
+// changes first, as for every command, so that another replica's older
+// write cannot land over it while it commits (see ownWrites).
+func (s *State) putSetting(ctx context.Context, name string, value []byte, apply func()) error {
+	s.mu.Lock()
+	old, had := s.settings[name]
+	pol, polText := s.pol, s.polText
+	s.settings[name] = value
+	if apply != nil {
+		apply()
+	}
+	muts := []store.Mutation{{PutSetting: &store.Setting{Key: name, Value: value}}}
+	s.commit.pend(muts)
+	s.mu.Unlock()
+	err := s.commit.commit(ctx, muts)
+	if err != nil {
+		s.mu.Lock()
+		delete(s.settings, name)
+		if had {
+			s.settings[name] = old
+		}
+		if apply != nil {
+			s.pol, s.polText = pol, polText
+		}
+		s.mu.Unlock()
+	}
+	return err
 }
 
 func (s *State) indexNode(n *Node) {
