@@ -30,7 +30,7 @@ func newServeCmd(g *globals) *cobra.Command {
 		logLevel, logFormat                                           string
 		noDERP, noMagicDNS                                            bool
 		ephemeral, offlineGrace, restartGrace                         time.Duration
-		nameservers                                                   []string
+		nameservers, meshWith                                         []string
 	}
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -47,7 +47,8 @@ DERP relay over TLS unless TS_DEBUG_USE_DERP_HTTP=1 is set on them), or run
 behind a reverse proxy that passes WebSocket/Upgrade requests and set
 --server-url to the public URL (see README). For several replicas use
 --db-type postgres with a shared --postgres-dsn: each replica follows the
-others' changes; its embedded DERP relays only between its own clients.
+others' changes. Give each one the others' DERP URLs with --derp-mesh-with
+so that their relays forward between clients of different replicas.
 
 Clients older than Tailscale v1.80 are refused with a message saying so.`,
 		Example: `  tailplane serve
@@ -102,6 +103,9 @@ Clients older than Tailscale v1.80 are refused with a message saying so.`,
 			if fl.Changed("nameserver") {
 				cfg.DNS.Nameservers = f.nameservers
 			}
+			if fl.Changed("derp-mesh-with") {
+				cfg.DERP.MeshWith = f.meshWith
+			}
 			if err := cfg.Finish(); err != nil {
 				return err
 			}
@@ -119,6 +123,7 @@ Clients older than Tailscale v1.80 are refused with a message saying so.`,
 	fl.StringVar(&f.v4, "prefix-v4", "100.64.0.0/10", "IPv4 range for node addresses (within 100.64.0.0/10)")
 	fl.StringVar(&f.v6, "prefix-v6", "fd7a:115c:a1e0::/48", "IPv6 range for node addresses (within fd7a:115c:a1e0::/48)")
 	fl.BoolVar(&f.noDERP, "no-derp", false, "do not run the embedded DERP relay")
+	fl.StringSliceVar(&f.meshWith, "derp-mesh-with", nil, "DERP URLs of the other replicas (http://HOST:PORT/derp, comma-separated or repeated): relay between clients of different replicas")
 	fl.StringVar(&f.stun, "stun-listen", "127.0.0.1:3478", "UDP address of the STUN server (port 0 picks one; empty disables)")
 	fl.StringVar(&f.baseDomain, "base-domain", "tailnet.internal", "MagicDNS base domain: nodes are NAME.BASE_DOMAIN")
 	fl.BoolVar(&f.noMagicDNS, "no-magic-dns", false, "do not ask clients to use MagicDNS")

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -97,6 +98,11 @@ type DERPConfig struct {
 	// STUNListen is the UDP address of the STUN server; port 0 picks a
 	// free one. Empty disables STUN.
 	STUNListen string `yaml:"stun_listen"`
+	// MeshWith lists the DERP URLs of the other replicas
+	// (http(s)://HOST:PORT/derp, as this replica can reach them). The
+	// relays then forward packets between clients connected to
+	// different replicas, as one region.
+	MeshWith []string `yaml:"mesh_with"`
 }
 
 // DNSConfig configures MagicDNS.
@@ -214,6 +220,15 @@ func (c *Config) Finish() error {
 	}
 	if c.DNS.BaseDomain == "" || strings.HasPrefix(c.DNS.BaseDomain, ".") || strings.HasSuffix(c.DNS.BaseDomain, ".") {
 		return fmt.Errorf("config: dns.base_domain %q must be a domain like tailnet.internal", c.DNS.BaseDomain)
+	}
+	for _, m := range c.DERP.MeshWith {
+		u, err := url.Parse(m)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Path != "/derp" {
+			return fmt.Errorf("config: derp.mesh_with %q: want the DERP URL of another replica, like http://10.0.0.2:8080/derp", m)
+		}
+	}
+	if len(c.DERP.MeshWith) > 0 && (!c.DERP.Enabled || c.Database.Type != "postgres") {
+		return errors.New("config: derp.mesh_with needs the embedded DERP relay and database.type postgres (the replicas share the mesh key there)")
 	}
 	if c.OfflineGrace < 0 {
 		return errors.New("config: offline_grace must not be negative")

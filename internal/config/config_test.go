@@ -35,6 +35,8 @@ func TestUnknownKeysAndBadValuesAreErrors(t *testing.T) {
 		"policy file":  "policy:\n  mode: file\n",
 		"bad domain":   "dns:\n  base_domain: .x.\n",
 		"bad duration": "ephemeral_timeout: soon\n",
+		"mesh url":     "database:\n  type: postgres\n  postgres_dsn: postgres://x/y\nderp:\n  mesh_with: [10.0.0.2:8080]\n",
+		"mesh sqlite":  "derp:\n  mesh_with: [http://10.0.0.2:8080/derp]\n",
 	} {
 		p := filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".yaml")
 		os.WriteFile(p, []byte(body), 0o600)
@@ -46,6 +48,15 @@ func TestUnknownKeysAndBadValuesAreErrors(t *testing.T) {
 		if err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+func TestMeshWithReplicas(t *testing.T) {
+	cfg := Default()
+	cfg.Database = DatabaseConfig{Type: "postgres", PostgresDSN: "postgres://x/y"}
+	cfg.DERP.MeshWith = []string{"http://10.0.0.2:8080/derp", "https://tp2.example.com/derp"}
+	if err := cfg.Finish(); err != nil {
+		t.Errorf("replicas meshing their relays: %v", err)
 	}
 }
 

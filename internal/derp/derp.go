@@ -11,7 +11,10 @@ import (
 	"net/url"
 	"strconv"
 
+	tsderp "tailscale.com/derp"
+	"tailscale.com/derp/derphttp"
 	"tailscale.com/derp/derpserver"
+	"tailscale.com/net/netmon"
 	"tailscale.com/net/stunserver"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
@@ -29,6 +32,12 @@ type Options struct {
 	// relay is served at /derp on the same listener).
 	ServerURL string
 	Logger    *slog.Logger
+	// MeshKey, when set, is the secret replicas' relays share: relays
+	// presenting it may watch this one's clients and send to them.
+	MeshKey key.DERPMesh
+	// MeshWith are the other replicas' relays (http(s)://HOST:PORT/derp);
+	// packets for clients connected there are forwarded to them.
+	MeshWith []string
 }
 
 // Embedded is a running relay.
@@ -51,6 +60,20 @@ func Start(ctx context.Context, o Options) (*Embedded, error) {
 	e.srv = derpserver.New(o.PrivateKey, func(format string, args ...any) {
 		log.Debug(fmt.Sprintf(format, args...), "component", "derp")
 	})
+	if !o.MeshKey.IsZero() {
+		if err := e.srv.SetMeshKey(o.MeshKey.String()); err != nil {
+			cancel()
+			e.srv.Close()
+			return nil, fmt.Errorf("derp: mesh key: %w", err)
+		}
+	}
+	for _, peer := range o.MeshWith {
+		if err := e.meshWith(ctx, peer, log); err != nil {
+			cancel()
+			e.srv.Close()
+			return nil, err
+		}
+	}
 	if o.STUNListen != "" {
 		e.stun = stunserver.New(ctx)
 		if err := e.stun.Listen(o.STUNListen); err != nil {
@@ -66,6 +89,37 @@ func Start(ctx context.Context, o Options) (*Embedded, error) {
 		}()
 	}
 	return e, nil
+}
+
+// meshWith follows the clients connected to another replica's relay at
+// url, and forwards packets for them there, as relays of one region do.
+// The connection is retried for as long as ctx lasts.
+func (e *Embedded) meshWith(ctx context.Context, url string, log *slog.Logger) error {
+	if e.opts.MeshKey.IsZero() {
+		return fmt.Errorf("derp: meshing with %s needs a mesh key", url)
+	}
+	logf := func(format string, args ...any) {
+		log.Debug(fmt.Sprintf(format, args...), "component", "derp-mesh", "peer", url)
+	}
+	// A key of its own: replicas share the relay's key (it is in the
+	// database), and the peer must not take this watcher for itself.
+	c, err := derphttp.NewClient(key.NewNode(), url, logf, netmon.NewStatic())
+	if err != nil {
+		return fmt.Errorf("derp: mesh with %s: %w", url, err)
+	}
+	c.MeshKey = e.opts.MeshKey
+	c.WatchConnectionChanges = true
+	add := func(m tsderp.PeerPresentMessage) { e.srv.AddPacketForwarder(m.Key, c) }
+	remove := func(m tsderp.PeerGoneMessage) { e.srv.RemovePacketForwarder(m.Peer, c) }
+	lost := func(err error) {
+		log.Warn("DERP mesh connection to another replica lost; retrying", "peer", url, "err", err)
+	}
+	go func() {
+		c.RunWatchConnectionLoop(ctx, e.srv.PublicKey(), logf, add, remove, lost)
+		c.Close()
+	}()
+	log.Info("DERP relay meshed with another replica's", "peer", url)
+	return nil
 }
 
 // Handler serves /derp.

@@ -12,14 +12,19 @@ import (
 )
 
 // TestReplicas runs two tailplane servers on one PostgreSQL database, as
-// replicas: real clients joined to different replicas see and reach each
-// other, and what an admin does on one replica (users, keys, deleting a
-// node) takes effect on the other.
+// replicas with meshed DERP relays: real clients joined to different
+// replicas see and reach each other, directly and through the relays, and
+// what an admin does on one replica (users, keys, deleting a node) takes
+// effect on the other.
 func TestReplicas(t *testing.T) {
 	t.Parallel()
 	dsn := pgtest.SchemaDSN(t)
-	a := startServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
-	b := startServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
+	a := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
+	b := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
+	a.extra = append(a.extra, "--derp-mesh-with", b.URL()+"/derp")
+	b.extra = append(b.extra, "--derp-mesh-with", a.URL()+"/derp")
+	a.Start(t)
+	b.Start(t)
 
 	a.mustCLI(t, "users", "create", "alice")
 	// The user made on a is known to b once b has followed a's change.
@@ -96,6 +101,32 @@ func TestReplicas(t *testing.T) {
 		t.Logf("node deleted on b left a's client after %v", time.Since(start).Round(time.Millisecond))
 		if _, ok := nodeByIP(a.mustListNodes(t), n3.ip4); ok {
 			t.Error("a still lists the node b deleted")
+		}
+	})
+
+	t.Run("derp-mesh", func(t *testing.T) {
+		// Clients that may not use direct UDP, each homed on its own
+		// replica's relay: only the mesh joins them.
+		ms := []*member{
+			join(t, a, key.Key, []string{"TS_DEBUG_ALWAYS_USE_DERP=1"}, "d1")[0],
+			join(t, b, key.Key, []string{"TS_DEBUG_ALWAYS_USE_DERP=1"}, "d2")[0],
+		}
+		checkFullMesh(t, ms)
+		for _, m := range ms {
+			if err := m.Serve(t.Context(), servePort, "hello from "+m.Name()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		checkHello(t, ms[0], ms[1])
+		checkHello(t, ms[1], ms[0])
+		st, err := ms[0].Status(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range st.Peer {
+			if p.CurAddr != "" {
+				t.Errorf("peer %s: direct address %q; want only the DERP relays", p.DNSName, p.CurAddr)
+			}
 		}
 	})
 }

@@ -51,6 +51,15 @@ type server struct {
 // of its log is printed.
 func startServer(t *testing.T, extraArgs ...string) *server {
 	t.Helper()
+	s := newServer(t, extraArgs...)
+	s.Start(t)
+	return s
+}
+
+// newServer is startServer without the start: the server's URL is known
+// before it runs (see Start).
+func newServer(t *testing.T, extraArgs ...string) *server {
+	t.Helper()
 	requireSetup(t)
 	// Not t.TempDir(): the admin socket lives in the data directory, and a
 	// path with the test name in it can exceed the 108-byte limit of unix
@@ -81,7 +90,6 @@ func startServer(t *testing.T, extraArgs ...string) *server {
 		}
 		os.RemoveAll(dir)
 	})
-	s.Start(t)
 	return s
 }
 

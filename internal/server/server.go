@@ -5,7 +5,9 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -56,6 +58,29 @@ func openStore(ctx context.Context, cfg config.Config) (store.Store, error) {
 	default:
 		return sqlite.Open(cfg.Database.SQLitePath)
 	}
+}
+
+// settingDERPMeshKey holds the secret the replicas' relays mesh with.
+const settingDERPMeshKey = "derp_mesh_key"
+
+// loadOrCreateMeshKey returns the replicas' DERP mesh key, creating it on
+// the first start of a meshed replica.
+func loadOrCreateMeshKey(ctx context.Context, st *state.State) (key.DERPMesh, error) {
+	if b := st.Setting(settingDERPMeshKey); len(b) > 0 {
+		k, err := key.ParseDERPMesh(string(b))
+		if err != nil {
+			return k, fmt.Errorf("stored %s: %w", settingDERPMeshKey, err)
+		}
+		return k, nil
+	}
+	var raw [32]byte
+	rand.Read(raw[:])
+	text := hex.EncodeToString(raw[:])
+	k, err := key.ParseDERPMesh(text)
+	if err != nil {
+		return k, err
+	}
+	return k, st.PutSetting(ctx, settingDERPMeshKey, []byte(text))
 }
 
 // replicaStore is a store that several replicas can share.
@@ -210,9 +235,19 @@ func Run(parent context.Context, cfg config.Config) error {
 		if err != nil {
 			return err
 		}
+		var meshKey key.DERPMesh
+		if len(cfg.DERP.MeshWith) > 0 {
+			// Meshed relays tell each other apart by key, so each
+			// replica's is its own; clients do not pin relay keys.
+			derpKey = key.NewNode()
+			if meshKey, err = loadOrCreateMeshKey(ctx, st); err != nil {
+				return err
+			}
+		}
 		derpSrv, err = derp.Start(ctx, derp.Options{
 			PrivateKey: derpKey, STUNListen: cfg.DERP.STUNListen, RegionID: cfg.DERP.RegionID,
 			RegionCode: cfg.DERP.RegionCode, RegionName: cfg.DERP.RegionName, ServerURL: cfg.ServerURL, Logger: log,
+			MeshKey: meshKey, MeshWith: cfg.DERP.MeshWith,
 		})
 		if err != nil {
 			return err
