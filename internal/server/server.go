@@ -66,21 +66,19 @@ const settingDERPMeshKey = "derp_mesh_key"
 // loadOrCreateMeshKey returns the replicas' DERP mesh key, creating it on
 // the first start of a meshed replica.
 func loadOrCreateMeshKey(ctx context.Context, st *state.State) (key.DERPMesh, error) {
-	if b := st.Setting(settingDERPMeshKey); len(b) > 0 {
-		k, err := key.ParseDERPMesh(string(b))
-		if err != nil {
-			return k, fmt.Errorf("stored %s: %w", settingDERPMeshKey, err)
-		}
-		return k, nil
-	}
-	var raw [32]byte
-	rand.Read(raw[:])
-	text := hex.EncodeToString(raw[:])
-	k, err := key.ParseDERPMesh(text)
+	b, err := st.SettingOrCreate(ctx, settingDERPMeshKey, func() ([]byte, error) {
+		var raw [32]byte
+		rand.Read(raw[:])
+		return []byte(hex.EncodeToString(raw[:])), nil
+	})
 	if err != nil {
-		return k, err
+		return key.DERPMesh{}, err
 	}
-	return k, st.PutSetting(ctx, settingDERPMeshKey, []byte(text))
+	k, err := key.ParseDERPMesh(string(b))
+	if err != nil {
+		return k, fmt.Errorf("stored %s: %w", settingDERPMeshKey, err)
+	}
+	return k, nil
 }
 
 // replicaStore is a store that several replicas can share.
@@ -153,19 +151,18 @@ func loadOrCreateKey[T any, PT interface {
 	MarshalText() ([]byte, error)
 	UnmarshalText([]byte) error
 }](ctx context.Context, st *state.State, name string, gen func() T) (T, error) {
-	if b := st.Setting(name); len(b) > 0 {
-		var k T
-		if err := PT(&k).UnmarshalText(b); err != nil {
-			return k, fmt.Errorf("stored %s: %w", name, err)
-		}
-		return k, nil
-	}
-	k := gen()
-	b, err := PT(&k).MarshalText()
+	var k T
+	b, err := st.SettingOrCreate(ctx, name, func() ([]byte, error) {
+		k := gen()
+		return PT(&k).MarshalText()
+	})
 	if err != nil {
 		return k, err
 	}
-	return k, st.PutSetting(ctx, name, b)
+	if err := PT(&k).UnmarshalText(b); err != nil {
+		return k, fmt.Errorf("stored %s: %w", name, err)
+	}
+	return k, nil
 }
 
 // Run serves until ctx ends or SIGINT/SIGTERM arrives. cfg must have been

@@ -459,7 +459,7 @@ func (s *State) SetPolicy(ctx context.Context, text []byte) error {
 		return err
 	}
 	text = slices.Clone(text)
-	if err := s.putSetting(ctx, SettingPolicy, text, func() { s.pol, s.polText = p, text }); err != nil {
+	if err := s.putSetting(ctx, SettingPolicy, text, func() { s.pol, s.polText = p, text }, false); err != nil {
 		return fmt.Errorf("save policy: %w", err)
 	}
 	s.emit(Event{Kind: PolicyChanged})

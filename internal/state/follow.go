@@ -258,6 +258,8 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 			}
 		case m.PutSetting != nil:
 			evs = s.applySettingLocked(m.PutSetting.Key, m.PutSetting.Value, ch.Seq, evs)
+		case m.CreateSetting != nil:
+			evs = s.applySettingLocked(m.CreateSetting.Key, m.CreateSetting.Value, ch.Seq, evs)
 		}
 	}
 	return evs

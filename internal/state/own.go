@@ -36,6 +36,8 @@ func rowOf(m store.Mutation) row {
 		return row{kind: 'k', name: m.ConsumeKey}
 	case m.PutSetting != nil:
 		return row{kind: 's', name: m.PutSetting.Key}
+	case m.CreateSetting != nil:
+		return row{kind: 's', name: m.CreateSetting.Key}
 	}
 	return row{}
 }

@@ -363,3 +363,48 @@ func TestOwnWritesRewind(t *testing.T) {
 		t.Error("an own write passed by the follower still hides entries")
 	}
 }
+
+// TestReplicasAgreeOnNewSettings: replicas starting together on an empty
+// database each make a server key; all of them end with the one stored
+// first.
+func TestReplicasAgreeOnNewSettings(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "shared.db")
+	var states []*State
+	for range 3 {
+		db, err := sqlite.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { db.Close() })
+		s := newState(t, db)
+		t.Cleanup(s.Close)
+		fctx, cancel := context.WithCancel(ctx)
+		t.Cleanup(cancel)
+		// Never poked: only the conflict makes them catch up.
+		s.Follow(fctx, pokedFollower{db, make(chan struct{})})
+		states = append(states, s)
+	}
+	got := make([]string, len(states))
+	var wg sync.WaitGroup
+	for i, s := range states {
+		wg.Go(func() {
+			v, err := s.SettingOrCreate(ctx, "server_key", func() ([]byte, error) { return []byte(fmt.Sprint("key-", i)), nil })
+			if err != nil {
+				t.Errorf("replica %d: %v", i, err)
+			}
+			got[i] = string(v)
+		})
+	}
+	wg.Wait()
+	snap, err := states[0].commit.st.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored := string(snap.Settings["server_key"])
+	for i, v := range got {
+		if v != stored || string(states[i].Setting("server_key")) != stored {
+			t.Errorf("replica %d uses %q (memory %q), the store holds %q", i, v, states[i].Setting("server_key"), stored)
+		}
+	}
+}

@@ -7,6 +7,7 @@ package state
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -265,17 +266,45 @@ func (s *State) Setting(name string) []byte {
 
 // PutSetting stores a setting durably.
 func (s *State) PutSetting(ctx context.Context, name string, value []byte) error {
-	if err := s.putSetting(ctx, name, value, nil); err != nil {
+	if err := s.putSetting(ctx, name, value, nil, false); err != nil {
 		return fmt.Errorf("state: save setting %s: %w", name, err)
 	}
 	return nil
 }
 
+// SettingOrCreate returns the setting name, storing gen's value first if
+// there is none. Among replicas starting together on an empty database,
+// the first to store it wins and the others get its value: server keys
+// must be the same on every replica.
+func (s *State) SettingOrCreate(ctx context.Context, name string, gen func() ([]byte, error)) ([]byte, error) {
+	if v := s.Setting(name); len(v) > 0 {
+		return v, nil
+	}
+	v, err := gen()
+	if err != nil {
+		return nil, err
+	}
+	err = s.putSetting(ctx, name, v, nil, true)
+	if errors.Is(err, store.ErrConflict) && s.following() {
+		if err := s.CatchUp(ctx); err != nil {
+			return nil, err
+		}
+		if v := s.Setting(name); len(v) > 0 {
+			return v, nil
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state: create setting %s: %w", name, err)
+	}
+	return v, nil
+}
+
 // putSetting sets a setting in memory, with what else apply changes under
-// the same lock, commits it, and undoes both if the commit fails. Memory
-// changes first, as for every command, so that another replica's older
-// write cannot land over it while it commits (see ownWrites).
-func (s *State) putSetting(ctx context.Context, name string, value []byte, apply func()) error {
+// the same lock, commits it (create: only if no replica stored it first),
+// and undoes both if the commit fails. Memory changes first, as for every
+// command, so that another replica's older write cannot land over it while
+// it commits (see ownWrites).
+func (s *State) putSetting(ctx context.Context, name string, value []byte, apply func(), create bool) error {
 	s.mu.Lock()
 	old, had := s.settings[name]
 	pol, polText := s.pol, s.polText
@@ -284,6 +313,9 @@ func (s *State) putSetting(ctx context.Context, name string, value []byte, apply
 		apply()
 	}
 	muts := []store.Mutation{{PutSetting: &store.Setting{Key: name, Value: value}}}
+	if create {
+		muts = []store.Mutation{{CreateSetting: muts[0].PutSetting}}
+	}
 	s.commit.pend(muts)
 	s.mu.Unlock()
 	err := s.commit.commit(ctx, muts)

@@ -14,8 +14,8 @@ import (
 )
 
 // ErrConflict is returned by Apply when a conditional mutation finds the row
-// already changed (ConsumeKey) or already taken (CreateUser, CreateNode):
-// the whole batch is rolled back.
+// already changed (ConsumeKey) or already taken (CreateUser, CreateNode,
+// CreateSetting): the whole batch is rolled back.
 var ErrConflict = errors.New("store: conflicting change")
 
 // ErrNotFound is returned when a mutation names a row that does not exist.
@@ -110,6 +110,10 @@ type Mutation struct {
 	ConsumeKey string
 	// PutSetting stores Value under Key (server keys, the policy, ...).
 	PutSetting *Setting
+	// CreateSetting stores a setting that must not exist yet;
+	// ErrConflict if it does: replicas starting together on an empty
+	// database each make server keys, and only the first may keep its.
+	CreateSetting *Setting
 }
 
 // Setting is a named blob.

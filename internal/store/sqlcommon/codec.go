@@ -36,6 +36,8 @@ func normalize(m store.Mutation) store.Mutation {
 		m.PutKey = &k
 	case m.PutSetting != nil:
 		m.PutSetting = &store.Setting{Key: m.PutSetting.Key, Value: nilIfEmpty(m.PutSetting.Value)}
+	case m.CreateSetting != nil:
+		m.CreateSetting = &store.Setting{Key: m.CreateSetting.Key, Value: nilIfEmpty(m.CreateSetting.Value)}
 	}
 	return m
 }

@@ -69,12 +69,13 @@ var (
 	keyCols = []string{"id", "secret_hash", "user_id", "reusable", "ephemeral", "tags", "expiration",
 		"created_at", "used", "revoked"}
 
-	putUser    = upsert("users", userCols...)
-	putNode    = upsert("nodes", nodeCols...)
-	putKey     = upsert("pre_auth_keys", keyCols...)
-	putSetting = upsert("settings", "name", "value")
-	createUser = insert("users", userCols...)
-	createNode = insert("nodes", nodeCols...)
+	putUser       = upsert("users", userCols...)
+	putNode       = upsert("nodes", nodeCols...)
+	putKey        = upsert("pre_auth_keys", keyCols...)
+	putSetting    = upsert("settings", "name", "value")
+	createUser    = insert("users", userCols...)
+	createNode    = insert("nodes", nodeCols...)
+	createSetting = insert("settings", "name", "value")
 
 	selectUsers = "SELECT " + strings.Join(userCols, ", ") + " FROM users ORDER BY id"
 	selectNodes = "SELECT " + strings.Join(nodeCols, ", ") + " FROM nodes ORDER BY id"
@@ -190,6 +191,8 @@ func NewBatch(muts []store.Mutation, now time.Time, pre, post []Stmt, isUnique f
 			add(i, noCheck, Stmt{SQL: keyExists, Args: []any{m.ConsumeKey}, Scan: true})
 		case m.PutSetting != nil:
 			add(i, noCheck, Stmt{SQL: putSetting, Args: []any{m.PutSetting.Key, bytesArg(m.PutSetting.Value)}})
+		case m.CreateSetting != nil:
+			add(i, unique, Stmt{SQL: createSetting, Args: []any{m.CreateSetting.Key, bytesArg(m.CreateSetting.Value)}})
 		default:
 			return nil, fmt.Errorf("mutation %d sets no field", i)
 		}
@@ -290,6 +293,8 @@ func describe(m store.Mutation) string {
 		return "ConsumeKey " + m.ConsumeKey
 	case m.PutSetting != nil:
 		return "PutSetting " + m.PutSetting.Key
+	case m.CreateSetting != nil:
+		return "CreateSetting " + m.CreateSetting.Key
 	}
 	return "no field set"
 }

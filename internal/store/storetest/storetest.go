@@ -464,7 +464,8 @@ func testUniqueness(t *testing.T, open Opener) {
 func testCreate(t *testing.T, open Opener) {
 	s := openStore(t, open)
 	ctx := context.Background()
-	apply(t, s, store.Mutation{CreateUser: User(1)}, store.Mutation{CreateNode: Node(1, 1)})
+	apply(t, s, store.Mutation{CreateUser: User(1)}, store.Mutation{CreateNode: Node(1, 1)},
+		store.Mutation{CreateSetting: &store.Setting{Key: "made", Value: []byte("1")}})
 	assertState(t, s, []store.User{*User(1)}, []store.Node{*Node(1, 1)}, nil)
 
 	sameID := User(1)
@@ -489,6 +490,7 @@ func testCreate(t *testing.T, open Opener) {
 		{"given name", store.Mutation{CreateNode: taken(func(n *store.Node) { n.GivenName = Node(1, 1).GivenName })}, store.ErrConflict},
 		{"node IPv4", store.Mutation{CreateNode: taken(func(n *store.Node) { n.IPv4 = Node(1, 1).IPv4 })}, store.ErrConflict},
 		{"node IPv6", store.Mutation{CreateNode: taken(func(n *store.Node) { n.IPv6 = Node(1, 1).IPv6 })}, store.ErrConflict},
+		{"setting", store.Mutation{CreateSetting: &store.Setting{Key: "made", Value: []byte("2")}}, store.ErrConflict},
 		// Only a taken row is a conflict.
 		{"node of missing user", store.Mutation{CreateNode: Node(2, 9)}, nil},
 	} {
@@ -507,7 +509,7 @@ func testCreate(t *testing.T, open Opener) {
 		}
 	}
 	assertState(t, s, []store.User{*User(1)}, []store.Node{*Node(1, 1)}, nil)
-	check(t, "settings", load(t, s).Settings, map[string][]byte{})
+	check(t, "settings", load(t, s).Settings, map[string][]byte{"made": []byte("1")})
 
 	// PutNode still replaces.
 	n := Node(1, 1)
