@@ -57,8 +57,8 @@ func (l *eventLog) foreign() []Event {
 }
 
 // replica opens a state on the shared database file that follows the
-// others until the test ends.
-func replica(t *testing.T, path string) (*State, *eventLog) {
+// others, through the follower follow makes, until the test ends.
+func replica(t *testing.T, path string, follow func(*sqlite.Store) Follower) (*State, *eventLog) {
 	t.Helper()
 	db, err := sqlite.Open(path)
 	if err != nil {
@@ -69,11 +69,15 @@ func replica(t *testing.T, path string) (*State, *eventLog) {
 	t.Cleanup(s.Close)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	s.Follow(ctx, pollFollower{db})
+	s.Follow(ctx, follow(db))
 	l := &eventLog{}
 	s.Subscribe(l)
 	return s, l
 }
+
+// polled follows by polling; manual only when CatchUp is called.
+func polled(db *sqlite.Store) Follower { return pollFollower{db} }
+func manual(db *sqlite.Store) Follower { return pokedFollower{db, make(chan struct{})} }
 
 // eventually polls cond for up to 5 s.
 func eventually(t *testing.T, what string, cond func() bool) {
@@ -89,8 +93,8 @@ func eventually(t *testing.T, what string, cond func() bool) {
 func TestReplicasFollowEachOther(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "shared.db")
-	a, aLog := replica(t, path)
-	b, bLog := replica(t, path)
+	a, aLog := replica(t, path, polled)
+	b, bLog := replica(t, path, polled)
 
 	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
 		t.Fatal(err)
@@ -277,22 +281,8 @@ func TestFollowerBehindPrunedLog(t *testing.T) {
 func TestNewerOwnWriteStands(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "shared.db")
-	open := func() *State {
-		db, err := sqlite.Open(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { db.Close() })
-		s := newState(t, db)
-		t.Cleanup(s.Close)
-		f := pokedFollower{db, make(chan struct{})}
-		fctx, cancel := context.WithCancel(ctx)
-		t.Cleanup(cancel)
-		s.Follow(fctx, f)
-		return s
-	}
-	a := open()
-	b := open()
+	a, _ := replica(t, path, manual)
+	b, _ := replica(t, path, manual)
 	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -372,17 +362,8 @@ func TestReplicasAgreeOnNewSettings(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "shared.db")
 	var states []*State
 	for range 3 {
-		db, err := sqlite.Open(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { db.Close() })
-		s := newState(t, db)
-		t.Cleanup(s.Close)
-		fctx, cancel := context.WithCancel(ctx)
-		t.Cleanup(cancel)
-		// Never poked: only the conflict makes them catch up.
-		s.Follow(fctx, pokedFollower{db, make(chan struct{})})
+		// Following by hand: only the conflict makes them catch up.
+		s, _ := replica(t, path, manual)
 		states = append(states, s)
 	}
 	got := make([]string, len(states))
