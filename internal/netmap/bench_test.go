@@ -176,7 +176,7 @@ func newBenchFixture(b testing.TB, tn benchTailnet) *benchFixture {
 				b.Fatalf("session %d received no full map", id)
 			}
 			f.e.mu.Lock()
-			real := *f.e.sessions[id]
+			real := *f.e.sessions[id].ss
 			f.e.mu.Unlock()
 			real.s = nil
 			if !reflect.DeepEqual(real, *quiet) {
@@ -206,7 +206,7 @@ func (e *Engine) attachQuiet(s *session.Session) {
 	defer e.mu.Unlock()
 	ss := e.quietSessState(s.NodeID)
 	ss.s = s
-	e.sessions[s.NodeID] = ss
+	e.sessions[s.NodeID] = sessEntry{ss: ss}
 }
 
 func (f *benchFixture) register(ctx context.Context, hostname string, n benchNode) (*state.Node, error) {
