@@ -314,5 +314,16 @@ func (s *State) retryConflict(ctx context.Context, op func() error) error {
 		if cerr := s.CatchUp(ctx); cerr != nil {
 			return errors.Join(err, cerr)
 		}
+		// Caught up, both replicas would take the next id again: a
+		// random step apart, the next attempts rarely meet. Ids need
+		// not be dense. Addresses are kept contiguous for short source
+		// lists, so they step aside only after two clashes.
+		s.mu.Lock()
+		s.nextNodeID += 1 + rand.Uint64N(64)
+		s.nextUserID += 1 + rand.Uint64N(64)
+		if i >= 2 {
+			s.ips.skip(1 + rand.Uint32N(32))
+		}
+		s.mu.Unlock()
 	}
 }

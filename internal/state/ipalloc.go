@@ -89,6 +89,17 @@ func (a *ipAllocator) setCursor(setting string, value []byte) error {
 	return nil
 }
 
+// skip moves every lane's cursor n addresses on, leaving those for when
+// the lane comes round again.
+func (a *ipAllocator) skip(n uint32) {
+	for i := range a.lanes {
+		l := &a.lanes[i]
+		if l.lo < l.hi {
+			l.next = l.lo + (l.next-l.lo+n)%(l.hi-l.lo)
+		}
+	}
+}
+
 func (a *ipAllocator) markUsed(v4, v6 netip.Addr) {
 	a.used[v4] = true
 	a.used[v6] = true

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -48,15 +49,19 @@ type RegisterResult struct {
 // the same one-off key) is tried again once this one has caught up.
 func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult, error) {
 	var res *RegisterResult
+	retry := false
 	err := s.retryConflict(ctx, func() error {
 		var err error
-		res, err = s.register(ctx, p)
+		res, err = s.register(ctx, p, retry)
+		retry = true
 		return err
 	})
 	return res, err
 }
 
-func (s *State) register(ctx context.Context, p RegisterParams) (*RegisterResult, error) {
+// register is one attempt of Register; retry: an earlier one clashed with
+// another replica's registration.
+func (s *State) register(ctx context.Context, p RegisterParams, retry bool) (*RegisterResult, error) {
 	now := s.now()
 	s.mu.Lock()
 	existing := s.byNodeKey[p.NodeKey]
@@ -136,7 +141,7 @@ func (s *State) register(ctx context.Context, p RegisterParams) (*RegisterResult
 	}
 	s.applyHostinfoLocked(n, p.Hostinfo)
 	if n.GivenName == "" {
-		n.GivenName = s.uniqueNameLocked(n.Hostname, n.ID)
+		n.GivenName = s.uniqueNameLocked(n.Hostname, n.ID, retry)
 	}
 	var consumed *PreAuthKey
 	if !k.Reusable {
@@ -273,13 +278,19 @@ func (s *State) applyHostinfoLocked(n *Node, hi *tailcfg.Hostinfo) {
 
 // uniqueNameLocked turns a hostname into a DNS label unique in the
 // tailnet, adding -2, -3, ... on collision.
-func (s *State) uniqueNameLocked(hostname string, id uint64) string {
+//
+// Replicas registering nodes of one hostname at once take the same next
+// suffix; a retry after such a clash (spread) starts at a random one.
+func (s *State) uniqueNameLocked(hostname string, id uint64, spread bool) string {
 	base := dnsLabel(hostname)
 	if base == "" {
 		base = "node"
 	}
-	name := base
-	for i := 2; ; i++ {
+	name, first := base, 2
+	if spread {
+		first = 2 + rand.IntN(1<<20)
+	}
+	for i := first; ; i++ {
 		if owner, taken := s.givenNames[name]; !taken || owner == id {
 			return name
 		}

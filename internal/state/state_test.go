@@ -62,7 +62,7 @@ func params(authKey string) RegisterParams {
 	}
 }
 
-func mustKey(t *testing.T, s *State, p KeyParams) string {
+func mustKey(t testing.TB, s *State, p KeyParams) string {
 	t.Helper()
 	ks, err := s.CreateKeys(context.Background(), p, 1)
 	if err != nil {
