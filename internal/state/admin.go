@@ -415,10 +415,23 @@ func (s *State) UpdateFromClient(id uint64, u ClientUpdate) {
 func (s *State) SetOnline(id uint64, online bool) {
 	s.mu.Lock()
 	old := s.nodes[id]
-	// Among replicas a node coming online is always written: the replica
-	// it left may still count it as its own, offline soon (see Follow).
-	if old == nil || old.Online == online && !(online && s.following()) {
+	switch {
+	case old == nil, old.Online == online && !(online && s.following()):
 		s.mu.Unlock()
+		return
+	case old.Online == online:
+		// Among replicas a node coming online is written even when it
+		// is marked online, with its last-seen time: the replica it
+		// left may count it as its own, offline soon (see Follow).
+		// Memory keeps its version, which differs only in that time:
+		// a new one would re-encode the node for every peer, at every
+		// reconnect of a restart storm.
+		sn := toStoreNode(old)
+		sn.LastSeen = s.now().UTC()
+		muts := []store.Mutation{{PutNode: sn}}
+		s.commit.pend(muts)
+		s.mu.Unlock()
+		s.commit.commitAsync(muts)
 		return
 	}
 	n := old.clone()

@@ -166,6 +166,7 @@ func (s *State) redo(ctx context.Context) error {
 	for from < s.seq {
 		changes, err := s.follower.ChangesSince(ctx, from)
 		if err != nil {
+			s.commit.own.redoLater(rows) // the next catch-up tries again
 			return fmt.Errorf("state: read changes after %d again: %w", from, err)
 		}
 		var evs []Event

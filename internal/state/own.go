@@ -127,6 +127,17 @@ func (o *ownWrites) takeRedo() map[row]int64 {
 	return out
 }
 
+// redoLater gives back rows takeRedo returned, when reading them failed.
+func (o *ownWrites) redoLater(rows map[row]int64) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for r, seq := range rows {
+		if prev, ok := o.redo[r]; !ok || seq < prev {
+			o.redo[r] = seq
+		}
+	}
+}
+
 // committed records muts as this process's change-log entry seq.
 func (o *ownWrites) committed(seq int64, muts []store.Mutation) {
 	if !o.active() {

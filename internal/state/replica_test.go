@@ -389,3 +389,40 @@ func TestReplicasAgreeOnNewSettings(t *testing.T) {
 		}
 	}
 }
+
+// TestOnlineAgainIsWrittenNotPublished: among replicas a node coming online
+// that is already marked online is written, with its last-seen time, for
+// the replica it may have left; this replica's memory and peers see no
+// new version of it.
+func TestOnlineAgainIsWrittenNotPublished(t *testing.T) {
+	ctx := context.Background()
+	s, log := replica(t, filepath.Join(t.TempDir(), "shared.db"), manual)
+	if _, err := s.CreateUser(ctx, "alice", ""); err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.Register(ctx, params(mustKey(t, s, KeyParams{User: "alice"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := res.Node.ID
+	s.SetOnline(id, true)
+	before := s.Node(id)
+	log.mu.Lock()
+	events := len(log.evs)
+	log.mu.Unlock()
+	time.Sleep(10 * time.Millisecond) // a later last-seen time
+	s.SetOnline(id, true)
+	storedLastSeen := func() time.Time {
+		snap, err := s.commit.st.Load(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return snap.Nodes[0].LastSeen
+	}
+	eventually(t, "the reconnect is written", func() bool { return storedLastSeen().After(before.LastSeen) })
+	log.mu.Lock()
+	defer log.mu.Unlock()
+	if s.Node(id) != before || len(log.evs) != events {
+		t.Errorf("the reconnect made a new version of the node (%v) or events (%v)", s.Node(id) != before, log.evs[events:])
+	}
+}
