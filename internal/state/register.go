@@ -56,7 +56,37 @@ func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult
 		retry = true
 		return err
 	})
+	if errors.Is(err, errKeyUnknown) && s.following() {
+		// The key may be one another replica made a moment ago.
+		s.catchUpForKey(ctx)
+		res, err = s.register(ctx, p, retry)
+	}
 	return res, err
+}
+
+// errKeyUnknown is ErrKeyInvalid for a well-formed key whose id this
+// replica does not know.
+var errKeyUnknown = fmt.Errorf("%w", ErrKeyInvalid)
+
+// keyCatchUpEvery bounds how often registrations presenting unknown keys
+// make a replica read the change log: they come before the client has
+// proven anything (DESIGN principle 8).
+const keyCatchUpEvery = 50 * time.Millisecond
+
+// catchUpForKey catches up with the other replicas for a registration
+// that presented an unknown key, or, when one did so less than
+// keyCatchUpEvery ago, waits for that catch-up to finish.
+func (s *State) catchUpForKey(ctx context.Context) {
+	now := time.Now().UnixNano()
+	last := s.keyCatchUp.Load()
+	if now-last < int64(keyCatchUpEvery) || !s.keyCatchUp.CompareAndSwap(last, now) {
+		s.followMu.Lock() // a catch-up in progress ends first
+		s.followMu.Unlock()
+		return
+	}
+	if err := s.CatchUp(ctx); err != nil {
+		s.log.Warn("catching up for an unknown pre-auth key failed", "err", err)
+	}
 }
 
 // register is one attempt of Register; retry: an earlier one clashed with
@@ -219,7 +249,10 @@ func (s *State) checkKeyLocked(presented string, now time.Time) (*PreAuthKey, er
 		return nil, ErrKeyInvalid
 	}
 	k := s.keys[id]
-	if k == nil || !secretMatches(k.SecretHash, hash) {
+	if k == nil {
+		return nil, errKeyUnknown
+	}
+	if !secretMatches(k.SecretHash, hash) {
 		return nil, ErrKeyInvalid
 	}
 	if k.Revoked || (!k.Expiration.IsZero() && !now.Before(k.Expiration)) {

@@ -426,3 +426,24 @@ func TestOnlineAgainIsWrittenNotPublished(t *testing.T) {
 		t.Errorf("the reconnect made a new version of the node (%v) or events (%v)", s.Node(id) != before, log.evs[events:])
 	}
 }
+
+// TestKeyFromAnotherReplica: a key made on one replica admits a node on
+// another at once, before that one has followed the change; a key no
+// replica made is still refused.
+func TestKeyFromAnotherReplica(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "shared.db")
+	a, _ := replica(t, path, manual)
+	b, _ := replica(t, path, manual)
+	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
+		t.Fatal(err)
+	}
+	k := mustKey(t, a, KeyParams{User: "alice"})
+	if _, err := b.Register(ctx, params(k)); err != nil {
+		t.Errorf("a key made on another replica: %v", err)
+	}
+	unknown := k[:len(KeyPrefix)] + "0000000000000000" + k[len(KeyPrefix)+16:]
+	if _, err := b.Register(ctx, params(unknown)); !errors.Is(err, ErrKeyInvalid) {
+		t.Errorf("a key no replica made: %v, want ErrKeyInvalid", err)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"tailscale.com/tailcfg"
@@ -156,6 +157,9 @@ type State struct {
 	followMu sync.Mutex
 	follower Follower
 	seq      int64
+	// keyCatchUp is when (unix nanos) an unknown key last made the state
+	// catch up (catchUpForKey).
+	keyCatchUp atomic.Int64
 }
 
 // Setting keys kept in the store.
