@@ -92,6 +92,7 @@ See docs/benchmarks.md for the figures measured and how to reproduce them.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.ServerURL, "server", "http://127.0.0.1:8080", "control server URL")
+	f.StringSliceVar(&o.Replicas, "replica", nil, "URL of another replica of the same server (repeatable): clients are spread over --server and the replicas")
 	f.IntVarP(&o.N, "clients", "n", 100, "number of simulated clients")
 	f.IntVar(&o.Concurrency, "concurrency", 64, "clients joining at the same time")
 	f.StringVar(&o.AuthKey, "authkey", "", "one reusable pre-auth key for every client")

@@ -16,6 +16,7 @@ import (
 	"github.com/tailplane/tailplane/internal/bench"
 	"github.com/tailplane/tailplane/internal/config"
 	"github.com/tailplane/tailplane/internal/server"
+	"github.com/tailplane/tailplane/internal/store/postgres/pgtest"
 )
 
 // 'tailplane bench policy' writes the same files for the same flags.
@@ -57,8 +58,8 @@ func TestBenchPolicyCommandIsReproducible(t *testing.T) {
 }
 
 // startTailplane runs a tailplane server in-process on a free loopback
-// port and returns its URL and data directory.
-func startTailplane(t *testing.T) (url, dataDir string) {
+// port and returns its URL and data directory; opts adjust its defaults.
+func startTailplane(t *testing.T, opts ...func(*config.Config)) (url, dataDir string) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -71,6 +72,9 @@ func startTailplane(t *testing.T) (url, dataDir string) {
 	cfg.Listen = addr
 	cfg.DERP.STUNListen = ""
 	cfg.LogLevel = "warn"
+	for _, o := range opts {
+		o(&cfg)
+	}
 	if err := cfg.Finish(); err != nil {
 		t.Fatal(err)
 	}
@@ -190,6 +194,93 @@ func TestBenchTailnetAgainstTailplane(t *testing.T) {
 	}
 	if routers == 0 {
 		t.Error("no user-owned router among the first 6 nodes: the routes prove nothing")
+	}
+}
+
+// The tool spreads its clients over replicas sharing one PostgreSQL
+// database: each replica serves half of them, and every observer, on
+// either replica, ends up with exactly the peers the policy gives it.
+func TestBenchOverReplicas(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs two servers and 40 clients")
+	}
+	const n = 40
+	dsn := pgtest.SchemaDSN(t)
+	onPostgres := func(c *config.Config) { c.Database = config.DatabaseConfig{Type: "postgres", PostgresDSN: dsn} }
+	urlA, dirA := startTailplane(t, onPostgres)
+	urlB, dirB := startTailplane(t, onPostgres)
+	dir := t.TempDir()
+	root := newRoot()
+	root.SetArgs([]string{"bench", "policy", "--out", dir, "--nodes", "40", "--users", "20", "--tags", "20",
+		"--groups", "10", "--hosts", "5", "--rules", "100", "--self-rules", "3", "--ssh-rules", "2"})
+	root.SetErr(&bytes.Buffer{})
+	if err := root.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	tn, pol, err := readBenchTailnet(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Second)
+	defer cancel()
+	a, b := admin.NewClient(filepath.Join(dirA, "admin.sock")), admin.NewClient(filepath.Join(dirB, "admin.sock"))
+	o := bench.Options{
+		ServerURL: urlA, Replicas: []string{urlB}, N: n, Concurrency: 16, Observers: 10,
+		Hold: 3 * time.Second, Timeout: 40 * time.Second,
+	}
+	var log strings.Builder
+	if err := prepareTailnetBench(ctx, a, tn, pol, &o, &log); err != nil {
+		t.Fatal(err)
+	}
+	// While the clients hold their streams, each replica serves half.
+	connected := func(c *admin.Client) int {
+		nodes, err := c.Nodes(ctx)
+		if err != nil {
+			t.Error(err)
+		}
+		k := 0
+		for _, nd := range nodes {
+			if nd.Connected {
+				k++
+			}
+		}
+		return k
+	}
+	done := make(chan struct{})
+	var res *bench.Result
+	go func() {
+		defer close(done)
+		var err error
+		if res, err = bench.Run(ctx, o); err != nil {
+			t.Error(err)
+		}
+	}()
+	split := false
+	for !split {
+		select {
+		case <-done:
+			t.Fatal("the run ended before both replicas served half of the clients each")
+		case <-time.After(50 * time.Millisecond):
+		}
+		split = connected(a) == n/2 && connected(b) == n/2
+	}
+	<-done
+	if res == nil {
+		t.FailNow()
+	}
+	if res.Registered != n || res.StreamsOpenAtEnd != n || res.ErrorCount != 0 || !res.Convergence.Converged {
+		t.Errorf("registered %d, open %d, errors %v %v, converged %v; want %d, %d, none, true",
+			res.Registered, res.StreamsOpenAtEnd, res.Errors, res.ErrorExamples, res.Convergence.Converged, n, n)
+	}
+	for _, ob := range res.Convergence.Observers {
+		if ob.Expected < 0 || ob.Peers != ob.Expected || !ob.Converged {
+			t.Errorf("observer %d: %d peers, expected %d", ob.Client, ob.Peers, ob.Expected)
+		}
+	}
+	for name, c := range map[string]*admin.Client{"a": a, "b": b} {
+		if nodes, err := c.Nodes(ctx); err != nil || len(nodes) != n {
+			t.Errorf("replica %s holds %d nodes (%v), want %d", name, len(nodes), err, n)
+		}
 	}
 }
 

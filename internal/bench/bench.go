@@ -34,6 +34,11 @@ import (
 type Options struct {
 	// ServerURL is the control server's base URL, e.g. "http://127.0.0.1:8080".
 	ServerURL string
+	// Replicas are more base URLs of the same tailnet's control server
+	// (replicas sharing a database): client i joins and streams from
+	// ServerURL when i is a multiple of 1+len(Replicas), else from
+	// Replicas[i%(1+len(Replicas))-1].
+	Replicas []string
 
 	// N is the number of simulated clients. Required.
 	N int
@@ -140,12 +145,14 @@ func (o *Options) validate() error {
 	if o.N <= 0 {
 		return errors.New("bench: N must be positive")
 	}
-	u, err := url.Parse(o.ServerURL)
-	if err != nil {
-		return fmt.Errorf("bench: server URL: %w", err)
-	}
-	if u.Scheme != "http" && u.Scheme != "https" || u.Hostname() == "" {
-		return fmt.Errorf("bench: server URL %q: want http://host[:port] or https://host[:port]", o.ServerURL)
+	for _, s := range append([]string{o.ServerURL}, o.Replicas...) {
+		u, err := url.Parse(s)
+		if err != nil {
+			return fmt.Errorf("bench: server URL: %w", err)
+		}
+		if u.Scheme != "http" && u.Scheme != "https" || u.Hostname() == "" {
+			return fmt.Errorf("bench: server URL %q: want http://host[:port] or https://host[:port]", s)
+		}
 	}
 	sources := 0
 	for _, set := range []bool{o.AuthKey != "", o.KeysFile != "", o.CreateKeys != nil} {
@@ -233,14 +240,18 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	t, err := newTarget(opts.ServerURL)
-	if err != nil {
-		return nil, err
+	var targets []*target
+	for _, s := range append([]string{opts.ServerURL}, opts.Replicas...) {
+		t, err := newTarget(s)
+		if err != nil {
+			return nil, err
+		}
+		if err := t.fetchServerKey(ctx, opts.RequestTimeout); err != nil {
+			return nil, err
+		}
+		targets = append(targets, t)
 	}
-	if err := t.fetchServerKey(ctx, opts.RequestTimeout); err != nil {
-		return nil, err
-	}
-	r := newRunner(opts, t, keys)
+	r := newRunner(opts, targets, keys)
 	return r.run(ctx), nil
 }
 
@@ -248,8 +259,8 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 // by client so that clients record them without locks; they are read only
 // after every client goroutine has finished.
 type runner struct {
-	opts   Options
-	target *target
+	opts    Options
+	targets []*target // client i uses targets[i%len(targets)]
 
 	ctx     context.Context // canceled when the run stops
 	clients []*client
@@ -291,11 +302,11 @@ type runner struct {
 	conv convergence
 }
 
-func newRunner(opts Options, t *target, keys []string) *runner {
+func newRunner(opts Options, targets []*target, keys []string) *runner {
 	n := opts.N
 	r := &runner{
 		opts:         opts,
-		target:       t,
+		targets:      targets,
 		sem:          make(chan struct{}, opts.Concurrency),
 		connectLat:   make([]time.Duration, n),
 		registerLat:  make([]time.Duration, n),
@@ -357,6 +368,7 @@ func (r *runner) run(parent context.Context) *Result {
 
 	res := &Result{
 		ServerURL:   r.opts.ServerURL,
+		Replicas:    r.opts.Replicas,
 		Clients:     r.opts.N,
 		Observers:   r.opts.Observers,
 		Concurrency: r.opts.Concurrency,

@@ -259,13 +259,16 @@ func (c *client) hostinfo() *tailcfg.Hostinfo {
 	}
 }
 
+// target is the server (replica) client c talks to.
+func (c *client) target() *target { return c.r.targets[c.idx%len(c.r.targets)] }
+
 // join does what tailscaled does on first start with a pre-auth key:
 // handshake, register, open the streaming map poll, send the lite update.
 // On success the client's stream goroutine is running when join returns.
 func (c *client) join() {
 	r := c.r
 	t0 := time.Now()
-	nc, err := r.target.dial(r.ctx, c.machine, r.opts.RequestTimeout)
+	nc, err := c.target().dial(r.ctx, c.machine, r.opts.RequestTimeout)
 	if err != nil {
 		r.fail("connect", err)
 		return
@@ -307,7 +310,7 @@ func (c *client) register(nc *noiseConn) error {
 	if c.spec.AuthKey != "" {
 		req.Auth = &tailcfg.RegisterResponseAuth{AuthKey: c.spec.AuthKey}
 	}
-	res, err := nc.post(ctx, r.target.host, "/machine/register", c.node.Public(), &req)
+	res, err := nc.post(ctx, c.target().host, "/machine/register", c.node.Public(), &req)
 	if err != nil {
 		return err
 	}
@@ -358,7 +361,7 @@ func (c *client) openStream(nc *noiseConn) (body io.ReadCloser, err error) {
 		KeepAlive: true,
 		Compress:  "zstd",
 	}
-	res, err := nc.post(ctx, r.target.host, "/machine/map", c.node.Public(), &req)
+	res, err := nc.post(ctx, c.target().host, "/machine/map", c.node.Public(), &req)
 	if err != nil {
 		return nil, err
 	}
@@ -394,7 +397,7 @@ func (c *client) sendUpdate(nc *noiseConn) {
 		OmitPeers: true,
 		Compress:  "zstd",
 	}
-	res, err := nc.post(ctx, r.target.host, "/machine/map", c.node.Public(), &req)
+	res, err := nc.post(ctx, c.target().host, "/machine/map", c.node.Public(), &req)
 	if err == nil {
 		_, err = io.Copy(io.Discard, io.LimitReader(res.Body, maxResponseSize))
 		res.Body.Close()
@@ -524,7 +527,7 @@ func (c *client) reopen() (io.ReadCloser, string, error) {
 		return nil, "connect", r.ctx.Err()
 	}
 	defer func() { <-r.sem }()
-	nc, err := r.target.dial(r.ctx, c.machine, r.opts.RequestTimeout)
+	nc, err := c.target().dial(r.ctx, c.machine, r.opts.RequestTimeout)
 	if err != nil {
 		return nil, "connect", err
 	}

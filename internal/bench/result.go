@@ -20,6 +20,7 @@ import (
 // field is described in docs/benchmarks.md.
 type Result struct {
 	ServerURL   string    `json:"server_url"`
+	Replicas    []string  `json:"replicas,omitempty"`
 	Clients     int       `json:"clients"`
 	Observers   int       `json:"observers"`
 	Concurrency int       `json:"concurrency"`
