@@ -50,11 +50,11 @@ func rowOf(m store.Mutation) row {
 // A row is pending from the moment a command changes it in memory (under
 // the state lock, pend) until its commit is done (unpend); a committed
 // write is recorded (committed) before it stops being pending, and stays
-// until the follower has read past its entry (take). A write still
-// pending will commit after every entry the follower can read now, unless
-// it fails: then the other replicas' entries skipped for its rows must be
-// read again and applied (redo), as when another replica created a node
-// with the id this one's failed registration had picked.
+// until the follower has read (take) and applied (passed) past its entry.
+// A write still pending will commit after every entry the follower can
+// read now, unless it fails: then the other replicas' entries skipped for
+// its rows must be read again and applied (redo), as when another replica
+// created a node with the id this one's failed registration had picked.
 type ownWrites struct {
 	on      atomic.Bool
 	mu      sync.Mutex
