@@ -401,7 +401,7 @@ func (s *State) UpdateFromClient(id uint64, u ClientUpdate) {
 		s.applyHostinfoLocked(n, u.Hostinfo)
 	}
 	s.replaceNode(old, n)
-	muts := []store.Mutation{{PutNode: toStoreNode(n)}}
+	muts := []store.Mutation{{UpdateNode: toStoreNode(n)}}
 	s.commit.pend(muts)
 	s.mu.Unlock()
 	s.commit.commitAsync(muts)
@@ -428,7 +428,7 @@ func (s *State) SetOnline(id uint64, online bool) {
 		// reconnect of a restart storm.
 		sn := toStoreNode(old)
 		sn.LastSeen = s.now().UTC()
-		muts := []store.Mutation{{PutNode: sn}}
+		muts := []store.Mutation{{UpdateNode: sn}}
 		s.commit.pend(muts)
 		s.mu.Unlock()
 		s.commit.commitAsync(muts)
@@ -438,7 +438,7 @@ func (s *State) SetOnline(id uint64, online bool) {
 	n.Online = online
 	n.LastSeen = s.now().UTC()
 	s.replaceNode(old, n)
-	muts := []store.Mutation{{PutNode: toStoreNode(n)}}
+	muts := []store.Mutation{{UpdateNode: toStoreNode(n)}}
 	s.commit.pend(muts)
 	s.mu.Unlock()
 	s.commit.commitAsync(muts)

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -224,11 +225,8 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 				}
 			}
 			evs = append(evs, Event{Kind: UsersChanged, Foreign: true})
-		case m.PutNode != nil || m.CreateNode != nil:
-			sn := m.PutNode
-			if sn == nil {
-				sn = m.CreateNode
-			}
+		case m.PutNode != nil || m.CreateNode != nil || m.UpdateNode != nil:
+			sn := cmp.Or(m.PutNode, m.CreateNode, m.UpdateNode)
 			n, err := fromStoreNode(sn)
 			if err != nil {
 				s.log.Error("skipping another replica's node that does not decode", "node", sn.ID, "change", ch.Seq, "err", err)

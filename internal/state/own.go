@@ -28,6 +28,8 @@ func rowOf(m store.Mutation) row {
 		return row{kind: 'n', id: m.PutNode.ID}
 	case m.CreateNode != nil:
 		return row{kind: 'n', id: m.CreateNode.ID}
+	case m.UpdateNode != nil:
+		return row{kind: 'n', id: m.UpdateNode.ID}
 	case m.DeleteNode != 0:
 		return row{kind: 'n', id: m.DeleteNode}
 	case m.PutKey != nil:

@@ -184,15 +184,16 @@ func (s *State) register(ctx context.Context, p RegisterParams, retry bool) (*Re
 
 // putNodeLocked installs n (replacing old; nil for a new node), commits it
 // with extra mutations, and undoes the in-memory change if the commit
-// fails. It unlocks s.mu. A new node is created, not upserted, so that it
-// cannot overwrite a node another replica created with the same id.
+// fails. It unlocks s.mu. A new node is created and an old one updated,
+// not upserted: a new one cannot overwrite a node another replica created
+// with the same id, nor an update bring back one another replica deleted.
 func (s *State) putNodeLocked(ctx context.Context, old, n *Node, extra []store.Mutation, consumed *PreAuthKey) (*RegisterResult, error) {
-	put := store.Mutation{PutNode: toStoreNode(n)}
+	put := store.Mutation{UpdateNode: toStoreNode(n)}
 	if old != nil {
 		s.replaceNode(old, n)
 	} else {
 		s.indexNode(n)
-		put = store.Mutation{CreateNode: put.PutNode}
+		put = store.Mutation{CreateNode: put.UpdateNode}
 	}
 	u := s.users[n.UserID]
 	muts := append(extra, put)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -445,5 +446,41 @@ func TestKeyFromAnotherReplica(t *testing.T) {
 	unknown := k[:len(KeyPrefix)] + "0000000000000000" + k[len(KeyPrefix)+16:]
 	if _, err := b.Register(ctx, params(unknown)); !errors.Is(err, ErrKeyInvalid) {
 		t.Errorf("a key no replica made: %v, want ErrKeyInvalid", err)
+	}
+}
+
+// TestDeletedNodeStaysDeleted: a replica that writes a node's soft state
+// while another deletes it does not bring the node back.
+func TestDeletedNodeStaysDeleted(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "shared.db")
+	a, _ := replica(t, path, manual)
+	b, _ := replica(t, path, manual)
+	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
+		t.Fatal(err)
+	}
+	res, err := a.Register(ctx, params(mustKey(t, a, KeyParams{User: "alice"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := res.Node.ID
+	if err := b.CatchUp(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.DeleteNode(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	// a has not followed the deletion when its client reports endpoints.
+	a.UpdateFromClient(id, ClientUpdate{Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}})
+	time.Sleep(50 * time.Millisecond) // the soft-state write is queued, not awaited
+	if err := a.CatchUp(ctx); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := a.commit.st.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snap.Nodes) != 0 || a.Node(id) != nil {
+		t.Errorf("the deleted node is back: %d in the store, in a's memory: %v", len(snap.Nodes), a.Node(id) != nil)
 	}
 }

@@ -101,6 +101,10 @@ type Mutation struct {
 	// CreateNode inserts a new node; ErrConflict if its ID, node key, given
 	// name or an address is taken (see CreateUser).
 	CreateNode *Node
+	// UpdateNode replaces an existing node; ErrNotFound if absent. Unlike
+	// PutNode it cannot bring back a node another replica deleted while
+	// this one wrote it.
+	UpdateNode *Node
 	DeleteNode uint64 // by ID; fails with ErrNotFound if absent
 	PutKey     *PreAuthKey
 	// ConsumeKey marks a one-off key used; ErrConflict if it already was.

@@ -28,6 +28,8 @@ func normalize(m store.Mutation) store.Mutation {
 		m.PutNode = normalizeNode(*m.PutNode)
 	case m.CreateNode != nil:
 		m.CreateNode = normalizeNode(*m.CreateNode)
+	case m.UpdateNode != nil:
+		m.UpdateNode = normalizeNode(*m.UpdateNode)
 	case m.PutKey != nil:
 		k := *m.PutKey
 		k.Tags = nilIfEmpty(k.Tags)

@@ -51,6 +51,16 @@ func insert(table string, cols ...string) string {
 	return fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s)", table, strings.Join(cols, ", "), strings.Join(ph, ", "))
 }
 
+// update returns an UPDATE of cols but the first of the row whose first
+// column (the primary key) matches; the arguments are those of insert.
+func update(table string, cols ...string) string {
+	set := make([]string, len(cols)-1)
+	for i, c := range cols[1:] {
+		set[i] = fmt.Sprintf("%s = $%d", c, i+2)
+	}
+	return fmt.Sprintf("UPDATE %s SET %s WHERE %s = $1", table, strings.Join(set, ", "), cols[0])
+}
+
 // upsert returns an insert that replaces the row whose first column (the
 // primary key) matches.
 func upsert(table string, cols ...string) string {
@@ -75,6 +85,7 @@ var (
 	putSetting    = upsert("settings", "name", "value")
 	createUser    = insert("users", userCols...)
 	createNode    = insert("nodes", nodeCols...)
+	updateNode    = update("nodes", nodeCols...)
 	createSetting = insert("settings", "name", "value")
 
 	selectUsers = "SELECT " + strings.Join(userCols, ", ") + " FROM users ORDER BY id"
@@ -180,6 +191,8 @@ func NewBatch(muts []store.Mutation, now time.Time, pre, post []Stmt, isUnique f
 			add(i, noCheck, Stmt{SQL: putNode, Args: nodeArgs(m.PutNode)})
 		case m.CreateNode != nil:
 			add(i, unique, Stmt{SQL: createNode, Args: nodeArgs(m.CreateNode)})
+		case m.UpdateNode != nil:
+			add(i, mustAffect, Stmt{SQL: updateNode, Args: nodeArgs(m.UpdateNode)})
 		case m.DeleteNode != 0:
 			add(i, mustAffect, Stmt{SQL: deleteNode, Args: []any{int64(m.DeleteNode)}})
 		case m.PutKey != nil:
@@ -285,6 +298,8 @@ func describe(m store.Mutation) string {
 		return fmt.Sprintf("PutNode %d", m.PutNode.ID)
 	case m.CreateNode != nil:
 		return fmt.Sprintf("CreateNode %d", m.CreateNode.ID)
+	case m.UpdateNode != nil:
+		return fmt.Sprintf("UpdateNode %d", m.UpdateNode.ID)
 	case m.DeleteNode != 0:
 		return fmt.Sprintf("DeleteNode %d", m.DeleteNode)
 	case m.PutKey != nil:

@@ -516,6 +516,16 @@ func testCreate(t *testing.T, open Opener) {
 	n.Hostname, n.Online = "renamed", true
 	apply(t, s, store.Mutation{PutNode: n})
 	assertState(t, s, []store.User{*User(1)}, []store.Node{*n}, nil)
+
+	// UpdateNode replaces a node that exists, and brings back none.
+	n.Hostname = "updated"
+	apply(t, s, store.Mutation{UpdateNode: n})
+	assertState(t, s, []store.User{*User(1)}, []store.Node{*n}, nil)
+	gone := Node(2, 1)
+	if _, err := s.Apply(ctx, []store.Mutation{{UpdateNode: gone}}); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("UpdateNode of a missing node: %v, want ErrNotFound", err)
+	}
+	assertState(t, s, []store.User{*User(1)}, []store.Node{*n}, nil)
 }
 
 func testChangeSeq(t *testing.T, open Opener) {
