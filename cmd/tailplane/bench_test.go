@@ -105,6 +105,24 @@ func startTailplane(t *testing.T, opts ...func(*config.Config)) (url, dataDir st
 	return "", ""
 }
 
+// writeBenchTailnet runs 'tailplane bench policy' with flags into a new
+// directory and reads back what it wrote.
+func writeBenchTailnet(t *testing.T, flags ...string) (*benchTailnet, []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	root := newRoot()
+	root.SetArgs(append([]string{"bench", "policy", "--out", dir}, flags...))
+	root.SetErr(&bytes.Buffer{})
+	if err := root.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	tn, pol, err := readBenchTailnet(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tn, pol
+}
+
 // A generated tailnet against a real tailplane: every node registers with
 // its user, tags and advertised routes (user routers' approved by the
 // policy's autoApprovers), and every observer ends up with exactly the
@@ -115,18 +133,8 @@ func TestBenchTailnetAgainstTailplane(t *testing.T) {
 	}
 	const n = 60
 	url, dataDir := startTailplane(t)
-	dir := t.TempDir()
-	root := newRoot()
-	root.SetArgs([]string{"bench", "policy", "--out", dir, "--nodes", "60", "--users", "60", "--tags", "40",
-		"--groups", "30", "--hosts", "10", "--rules", "200", "--self-rules", "5", "--ssh-rules", "4", "--routers", "6"})
-	root.SetErr(&bytes.Buffer{})
-	if err := root.Execute(); err != nil {
-		t.Fatal(err)
-	}
-	tn, pol, err := readBenchTailnet(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tn, pol := writeBenchTailnet(t, "--nodes", "60", "--users", "60", "--tags", "40", "--groups", "30",
+		"--hosts", "10", "--rules", "200", "--self-rules", "5", "--ssh-rules", "4", "--routers", "6")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Second)
 	defer cancel()
@@ -209,18 +217,8 @@ func TestBenchOverReplicas(t *testing.T) {
 	onPostgres := func(c *config.Config) { c.Database = config.DatabaseConfig{Type: "postgres", PostgresDSN: dsn} }
 	urlA, dirA := startTailplane(t, onPostgres)
 	urlB, dirB := startTailplane(t, onPostgres)
-	dir := t.TempDir()
-	root := newRoot()
-	root.SetArgs([]string{"bench", "policy", "--out", dir, "--nodes", "40", "--users", "20", "--tags", "20",
-		"--groups", "10", "--hosts", "5", "--rules", "100", "--self-rules", "3", "--ssh-rules", "2"})
-	root.SetErr(&bytes.Buffer{})
-	if err := root.Execute(); err != nil {
-		t.Fatal(err)
-	}
-	tn, pol, err := readBenchTailnet(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tn, pol := writeBenchTailnet(t, "--nodes", "40", "--users", "20", "--tags", "20", "--groups", "10",
+		"--hosts", "5", "--rules", "100", "--self-rules", "3", "--ssh-rules", "2")
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Second)
 	defer cancel()
 	a, b := admin.NewClient(filepath.Join(dirA, "admin.sock")), admin.NewClient(filepath.Join(dirB, "admin.sock"))

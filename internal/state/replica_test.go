@@ -76,6 +76,27 @@ func replica(t *testing.T, path string, follow func(*sqlite.Store) Follower) (*S
 	return s, l
 }
 
+// aliceNode registers a node of a new user alice on s and returns its id.
+func aliceNode(t *testing.T, s *State) uint64 {
+	t.Helper()
+	if _, err := s.CreateUser(context.Background(), "alice", ""); err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.Register(context.Background(), params(mustKey(t, s, KeyParams{User: "alice"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res.Node.ID
+}
+
+// catchUp makes s follow what the others committed, now.
+func catchUp(t *testing.T, s *State) {
+	t.Helper()
+	if err := s.CatchUp(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // polled follows by polling; manual only when CatchUp is called.
 func polled(db *sqlite.Store) Follower { return pollFollower{db} }
 func manual(db *sqlite.Store) Follower { return pokedFollower{db, make(chan struct{})} }
@@ -284,29 +305,16 @@ func TestNewerOwnWriteStands(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "shared.db")
 	a, _ := replica(t, path, manual)
 	b, _ := replica(t, path, manual)
-	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
-		t.Fatal(err)
-	}
-	res, err := a.Register(ctx, params(mustKey(t, a, KeyParams{User: "alice"})))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := res.Node.ID
-	catchUp := func(s *State) {
-		t.Helper()
-		if err := s.CatchUp(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
-	catchUp(b)
+	id := aliceNode(t, a)
+	catchUp(t, b)
 	if _, err := b.RenameNode(ctx, id, "from-b"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := a.RenameNode(ctx, id, "from-a"); err != nil {
 		t.Fatal(err)
 	}
-	catchUp(a)
-	catchUp(b)
+	catchUp(t, a)
+	catchUp(t, b)
 	snap, err := a.commit.st.Load(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -398,14 +406,7 @@ func TestReplicasAgreeOnNewSettings(t *testing.T) {
 func TestOnlineAgainIsWrittenNotPublished(t *testing.T) {
 	ctx := context.Background()
 	s, log := replica(t, filepath.Join(t.TempDir(), "shared.db"), manual)
-	if _, err := s.CreateUser(ctx, "alice", ""); err != nil {
-		t.Fatal(err)
-	}
-	res, err := s.Register(ctx, params(mustKey(t, s, KeyParams{User: "alice"})))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := res.Node.ID
+	id := aliceNode(t, s)
 	s.SetOnline(id, true)
 	before := s.Node(id)
 	log.mu.Lock()
@@ -456,26 +457,15 @@ func TestDeletedNodeStaysDeleted(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "shared.db")
 	a, _ := replica(t, path, manual)
 	b, _ := replica(t, path, manual)
-	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
-		t.Fatal(err)
-	}
-	res, err := a.Register(ctx, params(mustKey(t, a, KeyParams{User: "alice"})))
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := res.Node.ID
-	if err := b.CatchUp(ctx); err != nil {
-		t.Fatal(err)
-	}
+	id := aliceNode(t, a)
+	catchUp(t, b)
 	if err := b.DeleteNode(ctx, id); err != nil {
 		t.Fatal(err)
 	}
 	// a has not followed the deletion when its client reports endpoints.
 	a.UpdateFromClient(id, ClientUpdate{Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}})
 	time.Sleep(50 * time.Millisecond) // the soft-state write is queued, not awaited
-	if err := a.CatchUp(ctx); err != nil {
-		t.Fatal(err)
-	}
+	catchUp(t, a)
 	snap, err := a.commit.st.Load(ctx)
 	if err != nil {
 		t.Fatal(err)
