@@ -475,6 +475,12 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 	same := sameDeltas{}
 	for id, ent := range e.sessions {
 		ss := ent.ss
+		if ent.of != e.compiled {
+			// Also after a full batch: an entry must not keep the
+			// replaced compilation alive.
+			ent = sessEntry{ss: ss, of: e.compiled, cl: e.compiled.ClassOf(id)}
+			e.sessions[id] = ent
+		}
 		switch {
 		case b.full:
 			e.diffAllLocked(ss, b, b.fd)
@@ -486,10 +492,6 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 			continue
 		}
 		cl := ent.cl
-		if ent.of != e.compiled {
-			cl = e.compiled.ClassOf(id)
-			e.sessions[id] = sessEntry{ss: ss, of: e.compiled, cl: cl}
-		}
 		filters := b.filtersFor(cl)
 		m, ok := memo[cl]
 		if !ok {

@@ -576,6 +576,12 @@ func TestJoinAfterRecompileUsesNewClasses(t *testing.T) {
 	}
 	f.e.process(nil, true, false)
 	check("policy edited")
+	// No session keeps the replaced compilation alive through its class.
+	for id, ent := range f.e.sessions {
+		if ent.of != f.e.compiled {
+			t.Fatalf("session %d holds its class under an old compilation after the edit", id)
+		}
+	}
 	srv := f.join(t, benchNode{user: 0, tags: []string{"tag:srv"}})
 	check("tag:srv joined")
 	seen := 0
