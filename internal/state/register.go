@@ -59,7 +59,7 @@ func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult
 	if errors.Is(err, errKeyUnknown) && s.following() {
 		// The key may be one another replica made a moment ago.
 		s.catchUpForKey(ctx)
-		res, err = s.register(ctx, p, retry)
+		res, err = s.register(ctx, p, false)
 	}
 	return res, err
 }

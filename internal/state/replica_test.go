@@ -437,12 +437,15 @@ func TestKeyFromAnotherReplica(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "shared.db")
 	a, _ := replica(t, path, manual)
 	b, _ := replica(t, path, manual)
-	if _, err := a.CreateUser(ctx, "alice", ""); err != nil {
-		t.Fatal(err)
-	}
+	aliceNode(t, a) // named box, like the next
 	k := mustKey(t, a, KeyParams{User: "alice"})
-	if _, err := b.Register(ctx, params(k)); err != nil {
-		t.Errorf("a key made on another replica: %v", err)
+	res, err := b.Register(ctx, params(k))
+	if err != nil {
+		t.Fatalf("a key made on another replica: %v", err)
+	}
+	// No clash happened: the name is the next in line, not a random one.
+	if res.Node.GivenName != "box-2" {
+		t.Errorf("the node is named %q, want box-2", res.Node.GivenName)
 	}
 	unknown := k[:len(KeyPrefix)] + "0000000000000000" + k[len(KeyPrefix)+16:]
 	if _, err := b.Register(ctx, params(unknown)); !errors.Is(err, ErrKeyInvalid) {
