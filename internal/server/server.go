@@ -104,6 +104,9 @@ func followReplicas(ctx context.Context, db store.Store, st *state.State, log *s
 	if err := st.CatchUp(ctx); err != nil {
 		return false, nil, err
 	}
+	if !alone {
+		st.StartOwnRanges()
+	}
 	log.Info("following the changes of other replicas sharing the database", "other_replicas_running", !alone)
 	return alone, fellBehind, nil
 }

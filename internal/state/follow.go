@@ -238,7 +238,13 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 			}
 			s.indexNode(n)
 			s.ips.markUsed(n.IPv4, n.IPv6)
-			s.nextNodeID = max(s.nextNodeID, n.ID+1)
+			if m.CreateNode != nil {
+				// Another replica allocating in a block this one uses
+				// (both took it up at start, each thinking itself alone):
+				// this one moves on.
+				s.ids.leaveIfIn(n.ID)
+				s.ips.leaveIfIn(n.IPv4)
+			}
 			evs = append(evs, Event{Kind: NodeChanged, NodeID: n.ID, Foreign: true})
 		case m.DeleteNode != 0:
 			if n := s.nodes[m.DeleteNode]; n != nil {
@@ -265,10 +271,14 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 }
 
 // applySettingLocked applies another replica's setting: a policy becomes
-// the active one, an address cursor moves this replica's lane past the
-// addresses the other handed out.
+// the active one, a claim of a block keeps this replica out of it. The
+// other's address cursors do not move this replica's: it allocates in
+// blocks of its own.
 func (s *State) applySettingLocked(name string, value []byte, seq int64, evs []Event) []Event {
 	s.settings[name] = value
+	if s.ids.claims.observe(name) || s.ips.observeClaim(name) {
+		return evs
+	}
 	switch name {
 	case SettingPolicy:
 		p := policy.Default()
@@ -283,10 +293,6 @@ func (s *State) applySettingLocked(name string, value []byte, seq int64, evs []E
 		}
 		s.pol, s.polText = p, value
 		evs = append(evs, Event{Kind: PolicyChanged, Foreign: true})
-	case SettingNextIPv4, SettingNextIPv4Tagged:
-		if err := s.ips.setCursor(name, value); err != nil {
-			s.log.Error("ignoring another replica's address cursor", "setting", name, "change", seq, "err", err)
-		}
 	}
 	return evs
 }
@@ -313,16 +319,11 @@ func (s *State) retryConflict(ctx context.Context, op func() error) error {
 		if cerr := s.CatchUp(ctx); cerr != nil {
 			return errors.Join(err, cerr)
 		}
-		// Caught up, both replicas would take the next id again: a
-		// random step apart, the next attempts rarely meet. Ids need
-		// not be dense. Addresses are kept contiguous for short source
-		// lists, so they step aside only after two clashes.
+		// Caught up, both replicas would take the next user id again: a
+		// random step apart, the next attempts rarely meet. (Node ids and
+		// addresses come from blocks each replica claimed for itself.)
 		s.mu.Lock()
-		s.nextNodeID += 1 + rand.Uint64N(64)
 		s.nextUserID += 1 + rand.Uint64N(64)
-		if i >= 2 {
-			s.ips.skip(1 + rand.Uint32N(32))
-		}
 		s.mu.Unlock()
 	}
 }

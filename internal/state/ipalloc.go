@@ -24,6 +24,10 @@ import (
 // the generated 15,000-rule benchmark tailnet at 9,000 nodes the filters
 // of all nodes took 8.7 GB, and one user joining changed 8.1 GB of them.
 // With lanes: 0.65 GB and 90 MB.
+//
+// A lane is walked in claimed blocks of addrBlock offsets (see claims), so
+// that replicas sharing a database fill blocks of their own; full blocks
+// side by side still make one range.
 type ipAllocator struct {
 	v4, v6 netip.Prefix
 	used   map[netip.Addr]bool
@@ -31,10 +35,15 @@ type ipAllocator struct {
 	lanes  [2]lane
 }
 
-// lane is a range of offsets [lo, hi) and the offset of its next candidate.
+// lane is a range of offsets [lo, hi), walked in blocks of block offsets,
+// the offset of its next candidate, and how many of its addresses can be
+// handed out (capacity) and are in use.
 type lane struct {
-	lo, hi, next uint32
-	setting      string // where next is persisted
+	lo, hi, next   uint32
+	block          uint32
+	capacity, used uint32
+	setting        string // where next is persisted
+	claims         claims
 }
 
 // Lanes by index.
@@ -47,7 +56,12 @@ const (
 // one is a single lane.
 const minLaneSplit = 256
 
-func newIPAllocator(v4, v6 netip.Prefix, cursors [2][]byte) (*ipAllocator, error) {
+// addrBlock is how many offsets of a lane a replica claims at a time.
+const addrBlock = 256
+
+// newIPAllocator makes an allocator whose lanes continue at their stored
+// cursors, with the claims among settings.
+func newIPAllocator(v4, v6 netip.Prefix, settings map[string][]byte) (*ipAllocator, error) {
 	if !v4.IsValid() || !v6.IsValid() {
 		return nil, errors.New("state: address prefixes not set")
 	}
@@ -62,100 +76,219 @@ func newIPAllocator(v4, v6 netip.Prefix, cursors [2][]byte) (*ipAllocator, error
 	a.lanes[laneTagged] = lane{lo: min(half+1, a.size), hi: a.size, setting: SettingNextIPv4Tagged}
 	for i := range a.lanes {
 		l := &a.lanes[i]
+		l.block = max(1, min(addrBlock, l.hi-l.lo))
+		l.capacity = a.takeable(l.lo, l.hi)
+		l.claims = claims{prefix: claimPrefix + l.setting + "/"}
+		l.claims.load(settings)
 		l.next = l.lo
-		if len(cursors[i]) == 0 {
-			continue
+		if v := settings[l.setting]; len(v) > 0 {
+			n, err := strconv.ParseUint(string(v), 10, 32)
+			if err != nil {
+				return nil, fmt.Errorf("state: stored address cursor %q: %w", v, err)
+			}
+			if uint32(n) >= l.lo && uint32(n) < l.hi {
+				l.next = uint32(n)
+			}
 		}
-		if err := a.setCursor(l.setting, cursors[i]); err != nil {
-			return nil, fmt.Errorf("state: stored %w", err)
-		}
+		l.resume(settings)
 	}
 	return a, nil
 }
 
-// setCursor moves the lane persisted under setting to the stored cursor
-// value, as another replica left it: it continues after the addresses
-// that replica handed out instead of trying them first.
-func (a *ipAllocator) setCursor(setting string, value []byte) error {
-	n, err := strconv.ParseUint(string(value), 10, 32)
-	if err != nil {
-		return fmt.Errorf("address cursor %q: %w", value, err)
-	}
-	for i := range a.lanes {
-		if l := &a.lanes[i]; l.setting == setting && uint32(n) >= l.lo && uint32(n) < l.hi {
-			l.next = uint32(n)
+// takeable counts the offsets in [lo, hi) that take may hand out.
+func (a *ipAllocator) takeable(lo, hi uint32) uint32 {
+	n := hi - lo
+	for _, off := range []uint32{0, a.size - 1} {
+		if off >= lo && off < hi {
+			n--
 		}
 	}
-	return nil
+	base := binary.BigEndian.Uint32(a.v4.Addr().AsSlice())
+	r := binary.BigEndian.Uint32(reservedV4.Addr().AsSlice())
+	for off := range uint32(1 << (32 - reservedV4.Bits())) {
+		if o := r + off - base; r+off >= base && o >= lo && o < hi && o != 0 && o != a.size-1 {
+			n--
+		}
+	}
+	return n
 }
 
-// skip moves every lane's cursor n addresses on, leaving those for when
-// the lane comes round again.
-func (a *ipAllocator) skip(n uint32) {
-	for i := range a.lanes {
-		l := &a.lanes[i]
-		if l.lo < l.hi {
-			l.next = l.lo + (l.next-l.lo+n)%(l.hi-l.lo)
+// blocks is the number of blocks in l.
+func (l *lane) blocks() uint64 { return uint64((l.hi - l.lo + l.block - 1) / l.block) }
+
+// bounds returns the offsets [start, end) of the block claim number seq
+// maps to.
+func (l *lane) bounds(seq uint64) (start, end uint32) {
+	start = l.lo + uint32(seq%l.blocks())*l.block
+	return start, min(start+l.block, l.hi)
+}
+
+// resume takes up the block that holds the cursor, under the newest claim
+// of it, or, when no block was ever claimed, under the number that maps to
+// it.
+func (l *lane) resume(settings map[string][]byte) {
+	if l.lo >= l.hi {
+		return
+	}
+	idx := uint64((l.next - l.lo) / l.block)
+	if !l.claims.anyTop {
+		l.claims.resume(idx, settings)
+		return
+	}
+	var newest uint64
+	found := false
+	for k := range settings {
+		if n, ok := l.claims.number(k); ok && n%l.blocks() == idx && (!found || n > newest) {
+			newest, found = n, true
 		}
+	}
+	if found {
+		l.claims.resume(newest, settings)
 	}
 }
 
 func (a *ipAllocator) markUsed(v4, v6 netip.Addr) {
+	if !a.used[v4] {
+		a.count(v4, 1)
+	}
 	a.used[v4] = true
 	a.used[v6] = true
 }
 
 func (a *ipAllocator) release(v4, v6 netip.Addr) {
+	if a.used[v4] {
+		a.count(v4, ^uint32(0))
+	}
 	delete(a.used, v4)
 	delete(a.used, v6)
 }
 
+// count adds d to the use count of the lane holding v4, if one does.
+func (a *ipAllocator) count(v4 netip.Addr, d uint32) {
+	if l, _ := a.laneOf(v4); l != nil {
+		l.used += d
+	}
+}
+
+// laneOf returns the lane holding v4 (nil if none does) and v4's offset.
+func (a *ipAllocator) laneOf(v4 netip.Addr) (*lane, uint32) {
+	if !a.v4.Contains(v4) {
+		return nil, 0
+	}
+	off := binary.BigEndian.Uint32(v4.AsSlice()) - binary.BigEndian.Uint32(a.v4.Addr().AsSlice())
+	for i := range a.lanes {
+		if l := &a.lanes[i]; off >= l.lo && off < l.hi {
+			return l, off
+		}
+	}
+	return nil, off
+}
+
 // allocate returns a free pair from the node's lane (the other lane when
-// its own is full), and the cursor setting to persist with it.
-func (a *ipAllocator) allocate(tagged bool) (v4, v6 netip.Addr, setting store.Setting, err error) {
+// its own is full) and the lane's cursor to store with it, or
+// errNeedBlock when the lane has no owned block with room.
+func (a *ipAllocator) allocate(tagged bool) (v4, v6 netip.Addr, cursor store.Setting, err error) {
 	own := laneUntagged
 	if tagged {
 		own = laneTagged
 	}
 	for _, li := range []int{own, 1 - own} {
-		if v4, v6, ok := a.allocateIn(&a.lanes[li]); ok {
-			l := &a.lanes[li]
+		l := &a.lanes[li]
+		if l.used >= l.capacity {
+			continue
+		}
+		if v4, v6, ok := a.allocateIn(l); ok {
 			return v4, v6, store.Setting{Key: l.setting, Value: []byte(strconv.FormatUint(uint64(l.next), 10))}, nil
 		}
+		return netip.Addr{}, netip.Addr{}, store.Setting{}, &errNeedBlock{&l.claims}
 	}
 	return netip.Addr{}, netip.Addr{}, store.Setting{}, errors.New("state: address range exhausted")
 }
 
+// allocateIn takes the next free pair of l's owned blocks.
 func (a *ipAllocator) allocateIn(l *lane) (v4, v6 netip.Addr, ok bool) {
-	if l.lo >= l.hi {
-		return netip.Addr{}, netip.Addr{}, false
-	}
-	base4 := binary.BigEndian.Uint32(a.v4.Addr().AsSlice())
-	for range l.hi - l.lo {
+	c := &l.claims
+	for c.ready() {
+		start, end := l.bounds(c.seq)
+		if c.entered {
+			// A fresh block starts at its start, one resumed (the
+			// block a cursor from before claims is in) at the cursor.
+			if l.next < start || l.next >= end {
+				l.next = start
+			}
+			c.entered = false
+		}
+		if l.next < start || l.next >= end {
+			c.advance()
+			continue
+		}
 		off := l.next
 		l.next++
-		if l.next >= l.hi {
-			l.next = l.lo
+		if v4, v6, ok := a.take(off); ok {
+			return v4, v6, true
 		}
-		if off == 0 || off == a.size-1 {
-			continue // network and broadcast-like addresses confuse people
-		}
-		var b4 [4]byte
-		binary.BigEndian.PutUint32(b4[:], base4+off)
-		cand4 := netip.AddrFrom4(b4)
-		if isReservedV4(cand4) {
-			continue
-		}
-		b16 := a.v6.Addr().As16()
-		binary.BigEndian.PutUint32(b16[12:], binary.BigEndian.Uint32(b16[12:])+off)
-		cand6 := netip.AddrFrom16(b16)
-		if a.used[cand4] || a.used[cand6] {
-			continue
-		}
-		a.markUsed(cand4, cand6)
-		return cand4, cand6, true
 	}
 	return netip.Addr{}, netip.Addr{}, false
+}
+
+// take marks the pair at offset off used, unless it is in use or reserved.
+func (a *ipAllocator) take(off uint32) (v4, v6 netip.Addr, ok bool) {
+	if off == 0 || off == a.size-1 {
+		return netip.Addr{}, netip.Addr{}, false // network and broadcast-like addresses confuse people
+	}
+	var b4 [4]byte
+	binary.BigEndian.PutUint32(b4[:], binary.BigEndian.Uint32(a.v4.Addr().AsSlice())+off)
+	cand4 := netip.AddrFrom4(b4)
+	if isReservedV4(cand4) {
+		return netip.Addr{}, netip.Addr{}, false
+	}
+	b16 := a.v6.Addr().As16()
+	binary.BigEndian.PutUint32(b16[12:], binary.BigEndian.Uint32(b16[12:])+off)
+	cand6 := netip.AddrFrom16(b16)
+	if a.used[cand4] || a.used[cand6] {
+		return netip.Addr{}, netip.Addr{}, false
+	}
+	a.markUsed(cand4, cand6)
+	return cand4, cand6, true
+}
+
+// observeClaim records another replica's claim of a block in one of the
+// lanes; it reports whether key is such a claim.
+func (a *ipAllocator) observeClaim(key string) bool {
+	for i := range a.lanes {
+		if a.lanes[i].claims.observe(key) {
+			return true
+		}
+	}
+	return false
+}
+
+// claimsOf returns the claims of the lane holding v4, an address it
+// handed out.
+func (a *ipAllocator) claimsOf(v4 netip.Addr) *claims {
+	l, _ := a.laneOf(v4)
+	return &l.claims
+}
+
+// leaveIfIn makes the lane holding v4 give up its blocks if v4 is in one
+// of them.
+func (a *ipAllocator) leaveIfIn(v4 netip.Addr) {
+	l, off := a.laneOf(v4)
+	if l == nil {
+		return
+	}
+	c := &l.claims
+	in := func(seq uint64) bool { start, end := l.bounds(seq); return off >= start && off < end }
+	if c.owned && in(c.seq) || c.hasAhead && in(c.ahead) {
+		c.leave()
+	}
+}
+
+// leave makes every lane give up its blocks.
+func (a *ipAllocator) leave() {
+	for i := range a.lanes {
+		a.lanes[i].claims.leave()
+	}
 }
 
 // isReservedV4 excludes the addresses Tailscale clients use themselves

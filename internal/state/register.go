@@ -52,16 +52,35 @@ func (s *State) Register(ctx context.Context, p RegisterParams) (*RegisterResult
 	retry := false
 	err := s.retryConflict(ctx, func() error {
 		var err error
-		res, err = s.register(ctx, p, retry)
+		res, err = s.registerClaiming(ctx, p, retry)
 		retry = true
 		return err
 	})
 	if errors.Is(err, errKeyUnknown) && s.following() {
 		// The key may be one another replica made a moment ago.
 		s.catchUpForKey(ctx)
-		res, err = s.register(ctx, p, false)
+		res, err = s.registerClaiming(ctx, p, false)
 	}
 	return res, err
+}
+
+// registerClaiming is register, after claiming the blocks of ids and
+// addresses it needs. Each claim gives a block with room, unless others
+// fill it first (registrations of this process: each round lets one
+// through), so the rounds are bounded only as a guard.
+func (s *State) registerClaiming(ctx context.Context, p RegisterParams, retry bool) (*RegisterResult, error) {
+	const rounds = 64
+	for range rounds {
+		res, err := s.register(ctx, p, retry)
+		var need *errNeedBlock
+		if !errors.As(err, &need) {
+			return res, err
+		}
+		if err := s.claimBlock(ctx, need.c, false); err != nil {
+			return nil, err
+		}
+	}
+	return nil, fmt.Errorf("state: no block with room after %d claims", rounds)
 }
 
 // errKeyUnknown is ErrKeyInvalid for a well-formed key whose id this
@@ -149,15 +168,20 @@ func (s *State) register(ctx context.Context, p RegisterParams, retry bool) (*Re
 		// and name: they are what peers and DNS know it by.
 		n = existing.clone()
 	} else {
-		v4, v6, cursor, err := s.ips.allocate(len(tags) > 0)
+		id, err := s.ids.allocate(func(id uint64) bool { return s.nodes[id] != nil })
 		if err != nil {
 			s.mu.Unlock()
 			return nil, err
 		}
-		n = &Node{
-			ID: s.nextNodeID, MachineKey: p.MachineKey, IPv4: v4, IPv6: v6, CreatedAt: now,
+		v4, v6, cursor, err := s.ips.allocate(len(tags) > 0)
+		if err != nil {
+			s.ids.unallocate(id)
+			s.mu.Unlock()
+			return nil, err
 		}
-		s.nextNodeID++
+		s.claimAhead(&s.ids.claims)
+		s.claimAhead(s.ips.claimsOf(v4))
+		n = &Node{ID: id, MachineKey: p.MachineKey, IPv4: v4, IPv6: v6, CreatedAt: now}
 		muts = append(muts, store.Mutation{PutSetting: &cursor})
 	}
 	n.NodeKey = p.NodeKey

@@ -3,6 +3,7 @@ package state
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
@@ -16,7 +17,7 @@ import (
 
 // conflictCounter counts the transactions a store refused with ErrConflict.
 type conflictCounter struct {
-	*postgres.Store
+	store.Store
 	applies, conflicts *atomic.Int64
 }
 
@@ -30,10 +31,11 @@ func (c conflictCounter) Apply(ctx context.Context, m []store.Mutation) (int64, 
 }
 
 // BenchmarkRegisterReplicas registers b.N nodes, 64 at a time, on one
-// PostgreSQL database through one replica or spread over two. Replicas
-// allocate ids, addresses and names from the same counters, so two
-// registering at once clash; conflicts/op counts the transactions refused
-// for it, applies/op all transactions (group commits and their retries).
+// PostgreSQL database through one replica or spread over two, each node
+// with a hostname of its own as in a fleet. Replicas allocate ids and
+// addresses in blocks of their own; conflicts/op counts the transactions
+// refused for a clash, applies/op all transactions (group commits and
+// their retries).
 func BenchmarkRegisterReplicas(b *testing.B) {
 	for _, n := range []int{1, 2} {
 		b.Run(map[int]string{1: "replicas=1", 2: "replicas=2"}[n], func(b *testing.B) {
@@ -78,8 +80,10 @@ func BenchmarkRegisterReplicas(b *testing.B) {
 			for w := range 64 {
 				s := states[w%n]
 				wg.Go(func() {
-					for range work {
-						if _, err := s.Register(ctx, params(key)); err != nil {
+					for i := range work {
+						p := params(key)
+						p.Hostinfo.Hostname = fmt.Sprintf("host%d", i)
+						if _, err := s.Register(ctx, p); err != nil {
 							failed.Add(1)
 							lastErr.Store(err.Error())
 						}
@@ -95,8 +99,9 @@ func BenchmarkRegisterReplicas(b *testing.B) {
 			if f := failed.Load(); f > 0 {
 				b.Errorf("%d of %d registrations failed, the last: %v", f, b.N, lastErr.Load())
 			}
-			// Runs of consecutive addresses: 1 when no clash made a
-			// replica step over addresses (source lists stay one range).
+			// Runs of consecutive addresses, each a range in source
+			// lists: a replica's full blocks side by side make one, its
+			// block in use and a left one another each.
 			if err := states[0].CatchUp(ctx); err != nil {
 				b.Fatal(err)
 			}

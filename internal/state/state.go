@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"sync"
@@ -146,11 +147,18 @@ type State struct {
 	givenNames  map[string]uint64
 	keys        map[string]*PreAuthKey
 	ips         *ipAllocator
-	nextUserID  uint64
-	nextNodeID  uint64
-	settings    map[string][]byte
-	pol         *policy.Policy
-	polText     []byte
+	ids         *idAllocator
+	// owner names this process in the claims it stores, for an operator
+	// reading the settings table.
+	owner string
+	// background holds the claims made ahead (claimAhead), which Close
+	// waits for; none starts once closing is set.
+	background sync.WaitGroup
+	closing    bool
+	nextUserID uint64
+	settings   map[string][]byte
+	pol        *policy.Policy
+	polText    []byte
 
 	// followMu serializes catching up with other replicas (Follow);
 	// seq is the last change-log entry in memory.
@@ -196,17 +204,18 @@ func New(ctx context.Context, opts Options) (*State, error) {
 		givenNames:  map[string]uint64{},
 		keys:        map[string]*PreAuthKey{},
 		nextUserID:  1,
-		nextNodeID:  1,
+		owner:       fmt.Sprintf("%016x", rand.Uint64()),
 		settings:    snap.Settings,
 		seq:         snap.ChangeSeq,
 	}
 	if s.settings == nil {
 		s.settings = map[string][]byte{}
 	}
-	s.ips, err = newIPAllocator(opts.V4Prefix, opts.V6Prefix, [2][]byte{s.settings[SettingNextIPv4], s.settings[SettingNextIPv4Tagged]})
+	s.ips, err = newIPAllocator(opts.V4Prefix, opts.V6Prefix, s.settings)
 	if err != nil {
 		return nil, err
 	}
+	nextNodeID := uint64(1)
 	for i := range snap.Users {
 		u := fromStoreUser(&snap.Users[i])
 		s.users[u.ID] = u
@@ -220,8 +229,9 @@ func New(ctx context.Context, opts Options) (*State, error) {
 		}
 		s.indexNode(n)
 		s.ips.markUsed(n.IPv4, n.IPv6)
-		s.nextNodeID = max(s.nextNodeID, n.ID+1)
+		nextNodeID = max(nextNodeID, n.ID+1)
 	}
+	s.ids = newIDAllocator(nextNodeID, s.settings)
 	for i := range snap.Keys {
 		k := snap.Keys[i]
 		s.keys[k.ID] = &k
@@ -242,8 +252,15 @@ func New(ctx context.Context, opts Options) (*State, error) {
 	return s, nil
 }
 
-// Close stops the committer after flushing queued writes.
-func (s *State) Close() { s.commit.close() }
+// Close stops the committer after flushing queued writes, and waits for
+// the claims made ahead to end.
+func (s *State) Close() {
+	s.mu.Lock()
+	s.closing = true
+	s.mu.Unlock()
+	s.commit.close()
+	s.background.Wait()
+}
 
 // Subscribe adds a sink for change events.
 func (s *State) Subscribe(k Sink) {
@@ -518,4 +535,15 @@ func (s *State) policyUsersLocked() policy.Users {
 		us = append(us, PolicyUser(u))
 	}
 	return us
+}
+
+// StartOwnRanges makes the next registrations claim fresh blocks of node
+// ids and addresses instead of continuing in the blocks the stored cursors
+// point at: a replica starting beside running ones would otherwise share
+// a block with the one that stored them.
+func (s *State) StartOwnRanges() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ids.claims.leave()
+	s.ips.leave()
 }
