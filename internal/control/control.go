@@ -445,12 +445,18 @@ func (s *Server) cancel(timers map[uint64]nodeTimer, id uint64) {
 
 // Notify implements state.Sink: a node that another replica saw come
 // online after its stream here ended is that replica's now, so this one's
-// timers must not mark it offline or delete it (ephemeral).
+// timers must not mark it offline or delete it (ephemeral). A node another
+// replica marked offline while its stream here is open (that replica took
+// this one for gone, see AdoptOrphans) is marked online again.
 func (s *Server) Notify(ev state.Event) {
 	if !ev.Foreign || ev.Kind != state.NodeChanged {
 		return
 	}
 	n := s.st.Node(ev.NodeID)
+	if n != nil && !n.Online && s.eng.Connected(n.ID) {
+		s.st.SetOnline(n.ID, true)
+		return
+	}
 	if n == nil || !n.Online {
 		return
 	}
@@ -480,6 +486,34 @@ func (s *Server) PresumeOnline() {
 	if n > 0 {
 		s.log.Info("nodes online before the restart count as online while they reconnect", "nodes", n, "restart_grace", s.rsGrace)
 	}
+}
+
+// AdoptOrphans takes over the presence of the nodes that replicas in gone
+// held: those stopped without marking their nodes offline (they crashed).
+// As after a restart, such nodes count as online for the restart grace
+// while their clients reconnect, to any replica; then they are marked
+// offline, and ephemeral ones are deleted after their timeout. It returns
+// how many nodes it took over; nodes already taken over are left as they
+// are, so it can run again and again.
+func (s *Server) AdoptOrphans(gone map[string]bool) int {
+	adopted := 0
+	for _, node := range s.st.Nodes() {
+		id := node.ID
+		if !node.Online || !gone[node.Holder] || s.eng.Connected(id) || s.pending(s.offTimers, id) {
+			continue
+		}
+		s.offlineAfter(id, s.rsGrace, func() { s.scheduleEphemeralExpiry(id) })
+		adopted++
+	}
+	return adopted
+}
+
+// pending reports whether node id has a timer in timers.
+func (s *Server) pending(timers map[uint64]nodeTimer, id uint64) bool {
+	s.timerMu.Lock()
+	defer s.timerMu.Unlock()
+	_, ok := timers[id]
+	return ok
 }
 
 // ExpireStaleEphemerals schedules deletion of ephemeral nodes that are

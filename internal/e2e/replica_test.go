@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
+
+	"tailscale.com/ipn/ipnstate"
 
 	"github.com/tailplane/tailplane/internal/realclient"
 	"github.com/tailplane/tailplane/internal/store/postgres/pgtest"
@@ -19,7 +22,9 @@ import (
 func TestReplicas(t *testing.T) {
 	t.Parallel()
 	dsn := pgtest.SchemaDSN(t)
-	a := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
+	// a's short restart grace is the time it gives a crashed replica's
+	// clients to reconnect (crashed-replica).
+	a := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn, "--restart-grace", "1s")
 	b := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
 	a.extra = append(a.extra, "--derp-mesh-with", b.URL()+"/derp")
 	b.extra = append(b.extra, "--derp-mesh-with", a.URL()+"/derp")
@@ -127,6 +132,36 @@ func TestReplicas(t *testing.T) {
 			if p.CurAddr != "" {
 				t.Errorf("peer %s: direct address %q; want only the DERP relays", p.DNSName, p.CurAddr)
 			}
+		}
+	})
+
+	// Last: it ends b.
+	t.Run("crashed-replica", func(t *testing.T) {
+		// b dies without marking its nodes offline; a finds it gone
+		// (within 15 s), gives its clients the restart grace to
+		// reconnect, then marks them offline, which a's clients see.
+		b.Kill(t)
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(t.Context(), 45*time.Second)
+		defer cancel()
+		_, err := n1.WaitStatus(ctx, func(st *ipnstate.Status) error {
+			for _, p := range st.Peer {
+				if !slices.Contains(p.TailscaleIPs, n2.ip4) {
+					continue
+				}
+				if p.Online {
+					return fmt.Errorf("peer %s, a client of the crashed replica, still online", p.DNSName)
+				}
+				return nil
+			}
+			return fmt.Errorf("no peer %v; peers: %s", n2.ip4, realclient.DescribePeers(st))
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("a client of a saw the crashed replica's client go offline %v after the crash", time.Since(start).Round(time.Millisecond))
+		if n, ok := nodeByIP(a.mustListNodes(t), n2.ip4); !ok || n.Online {
+			t.Errorf("a lists the crashed replica's client as %v, want it offline", n)
 		}
 	})
 }

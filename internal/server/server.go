@@ -11,11 +11,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -100,6 +102,9 @@ func followReplicas(ctx context.Context, db store.Store, st *state.State, log *s
 	if alone, err = rs.Alone(ctx); err != nil {
 		return false, nil, err
 	}
+	if w, ok := db.(replicaWatcher); ok {
+		w.SetReplica(st.Owner())
+	}
 	fellBehind = st.Follow(ctx, rs)
 	if err := st.CatchUp(ctx); err != nil {
 		return false, nil, err
@@ -109,6 +114,56 @@ func followReplicas(ctx context.Context, db store.Store, st *state.State, log *s
 	}
 	log.Info("following the changes of other replicas sharing the database", "other_replicas_running", !alone)
 	return alone, fellBehind, nil
+}
+
+// replicaWatcher is a store that tells crashed replicas from running ones.
+type replicaWatcher interface {
+	// SetReplica names this process; called before it follows.
+	SetReplica(id string)
+	// Gone returns those of ids whose replicas are not running.
+	Gone(ctx context.Context, ids []string) ([]string, error)
+}
+
+// watchReplicasEvery is how often a replica looks for others that stopped
+// without marking their nodes offline.
+const watchReplicasEvery = 15 * time.Second
+
+// watchReplicas hands the nodes held by replicas that are gone to adopt
+// (control.Server.AdoptOrphans), every every, until ctx ends.
+func watchReplicas(ctx context.Context, w replicaWatcher, st *state.State, adopt func(map[string]bool) int, every time.Duration, log *slog.Logger) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		held := map[string]bool{}
+		for _, n := range st.Nodes() {
+			if n.Online && n.Holder != "" && n.Holder != st.Owner() {
+				held[n.Holder] = true
+			}
+		}
+		if len(held) == 0 {
+			continue
+		}
+		gone, err := w.Gone(ctx, slices.Collect(maps.Keys(held)))
+		if err != nil {
+			log.Warn("could not check which replicas are running", "err", err)
+			continue
+		}
+		if len(gone) == 0 {
+			continue
+		}
+		set := map[string]bool{}
+		for _, g := range gone {
+			set[g] = true
+		}
+		if n := adopt(set); n > 0 {
+			log.Warn("replicas stopped without marking their nodes offline; their nodes count as online for the restart grace while they reconnect", "replicas", gone, "nodes", n)
+		}
+	}
 }
 
 // Change-log pruning: every commit appends an entry, which only replicas
@@ -312,6 +367,9 @@ func Run(parent context.Context, cfg config.Config) error {
 	}
 	if fellBehind != nil {
 		go func() { errc <- <-fellBehind }()
+		if w, ok := db.(replicaWatcher); ok {
+			go watchReplicas(ctx, w, st, ctl.AdoptOrphans, watchReplicasEvery, log)
+		}
 	}
 
 	stunInfo := "off"

@@ -408,10 +408,11 @@ func (s *State) UpdateFromClient(id uint64, u ClientUpdate) {
 	s.emit(Event{Kind: NodeChanged, NodeID: id})
 }
 
-// SetOnline records whether a node has an open map stream, and its
-// last-seen time. Both are soft state, written without waiting; the
-// presence is kept so that a restarted server can presume its nodes still
-// online while they reconnect.
+// SetOnline records whether a node has an open map stream, its holder
+// (this process, while online) and its last-seen time. They are soft
+// state, written without waiting; the presence is kept so that a restarted
+// server can presume its nodes still online while they reconnect, and the
+// holder so that other replicas can take over a crashed one's nodes.
 func (s *State) SetOnline(id uint64, online bool) {
 	s.mu.Lock()
 	old := s.nodes[id]
@@ -428,6 +429,7 @@ func (s *State) SetOnline(id uint64, online bool) {
 		// reconnect of a restart storm.
 		sn := toStoreNode(old)
 		sn.LastSeen = s.now().UTC()
+		sn.Holder = s.owner
 		muts := []store.Mutation{{UpdateNode: sn}}
 		s.commit.pend(muts)
 		s.mu.Unlock()
@@ -437,6 +439,10 @@ func (s *State) SetOnline(id uint64, online bool) {
 	n := old.clone()
 	n.Online = online
 	n.LastSeen = s.now().UTC()
+	n.Holder = ""
+	if online {
+		n.Holder = s.owner
+	}
 	s.replaceNode(old, n)
 	muts := []store.Mutation{{UpdateNode: toStoreNode(n)}}
 	s.commit.pend(muts)

@@ -67,6 +67,9 @@ type Node struct {
 	// Online: a streaming map session is open (or, after a restart,
 	// was open when the previous process recorded it; see SetOnline).
 	Online bool
+	// Holder is the owner id (Owner) of the replica whose session the
+	// node had when it was last written online; empty when offline.
+	Holder string
 }
 
 // IsTagged reports whether the node is owned by tags rather than a user.
@@ -461,7 +464,7 @@ func fromStoreNode(sn *store.Node) (*Node, error) {
 		IPv4: sn.IPv4, IPv6: sn.IPv6, Endpoints: sn.Endpoints, AuthKeyID: sn.AuthKeyID,
 		Ephemeral: sn.Ephemeral, Expiry: sn.Expiry, AdvertisedRoutes: sn.AdvertisedRoutes,
 		ApprovedRoutes: sn.ApprovedRoutes, CreatedAt: sn.CreatedAt, LastSeen: sn.LastSeen,
-		Online: sn.Online,
+		Online: sn.Online, Holder: sn.Holder,
 	}
 	if err := n.MachineKey.UnmarshalText([]byte(sn.MachineKey)); err != nil {
 		return nil, fmt.Errorf("machine key: %w", err)
@@ -490,7 +493,7 @@ func toStoreNode(n *Node) *store.Node {
 		IPv4: n.IPv4, IPv6: n.IPv6, Endpoints: n.Endpoints, AuthKeyID: n.AuthKeyID,
 		Ephemeral: n.Ephemeral, Expiry: n.Expiry, AdvertisedRoutes: n.AdvertisedRoutes,
 		ApprovedRoutes: n.ApprovedRoutes, CreatedAt: n.CreatedAt, LastSeen: n.LastSeen,
-		Online: n.Online,
+		Online: n.Online, Holder: n.Holder,
 	}
 	if !n.DiscoKey.IsZero() {
 		sn.DiscoKey = n.DiscoKey.String()
@@ -536,6 +539,10 @@ func (s *State) policyUsersLocked() policy.Users {
 	}
 	return us
 }
+
+// Owner is this process's id among replicas: it names the process in the
+// blocks it claims and as the holder of the nodes whose sessions it has.
+func (s *State) Owner() string { return s.owner }
 
 // StartOwnRanges makes the next registrations claim fresh blocks of node
 // ids and addresses instead of continuing in the blocks the stored cursors

@@ -62,6 +62,10 @@ type Node struct {
 	// recorded. After a restart it is presumed still true for a while:
 	// the clients of a restarted server are reconnecting, not gone.
 	Online bool
+	// Holder names the replica (its state's owner id) whose map stream
+	// the node has while Online; empty when offline or not known. Other
+	// replicas take over the presence of a crashed holder's nodes.
+	Holder string
 }
 
 // PreAuthKey is a pre-authentication key. The secret itself is never

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -32,10 +33,46 @@ const replicaLock = "hashtext('tailplane_replicas.' || current_schema())"
 // schema, so replicas starting together do not race on CREATE TABLE.
 const migrateLock = 0x7461696c706c616e // "tailplan"
 
+// replicaAlive is the advisory lock a running replica holds exclusive on
+// its notification connection, one per replica id ($1) and schema, so that
+// Gone can tell a crashed replica's from a running one's: PostgreSQL lets
+// go of the lock when the connection ends.
+const replicaAlive = "hashtext('tailplane_replica.' || current_schema() || '.' || $1)"
+
 // Store is a store.Store on a PostgreSQL database. Its tables live in the
 // first schema of the connection's search_path.
 type Store struct {
 	pool *pgxpool.Pool
+	// replica is this process's replica id (SetReplica), locked by Listen.
+	replica atomic.Pointer[string]
+}
+
+// SetReplica names this process among the replicas; Listen then holds
+// the id's lock, so that Gone reports it running. Call it before Listen.
+func (s *Store) SetReplica(id string) { s.replica.Store(&id) }
+
+// Gone returns those of ids whose replicas are not running: no connection
+// holds their lock (see SetReplica). A replica whose notification
+// connection is being re-established counts as gone for that moment.
+func (s *Store) Gone(ctx context.Context, ids []string) ([]string, error) {
+	var gone []string
+	err := s.inTx(ctx, func(tx pgx.Tx) error {
+		gone = gone[:0]
+		for _, id := range ids {
+			var free bool
+			if err := tx.QueryRow(ctx, "SELECT pg_try_advisory_xact_lock("+replicaAlive+")", id).Scan(&free); err != nil {
+				return err
+			}
+			if free {
+				gone = append(gone, id)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("postgres: check replicas: %w", err)
+	}
+	return gone, nil
 }
 
 var _ store.Store = (*Store)(nil)
@@ -214,6 +251,11 @@ func (s *Store) Listen(ctx context.Context, fn func(seq int64)) error {
 	// Held while the connection lives: this replica counts as running.
 	if _, err := c.Exec(ctx, "SELECT pg_advisory_lock_shared("+replicaLock+")"); err != nil {
 		return listenErr(ctx, err)
+	}
+	if id := s.replica.Load(); id != nil {
+		if _, err := c.Exec(ctx, "SELECT pg_advisory_lock("+replicaAlive+")", *id); err != nil {
+			return listenErr(ctx, err)
+		}
 	}
 	var newest int64
 	if err := c.QueryRow(ctx, "SELECT COALESCE(MAX(seq), 0) FROM changes").Scan(&newest); err != nil {

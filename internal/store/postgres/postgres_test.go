@@ -2,6 +2,7 @@ package postgres
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -136,7 +137,7 @@ func TestReplicas(t *testing.T) {
 }
 
 // TestAlone checks that a replica listening on the database is seen by
-// another one's Alone, and only while it listens.
+// another one's Alone and Gone, and only while it listens.
 func TestAlone(t *testing.T) {
 	a, b := openTest(t).(*Store), openTest(t).(*Store)
 	defer a.Close()
@@ -145,6 +146,7 @@ func TestAlone(t *testing.T) {
 	if alone, err := b.Alone(ctx); err != nil || !alone {
 		t.Fatalf("Alone with no replica listening = %v, %v; want true", alone, err)
 	}
+	a.SetReplica("a")
 	lctx, stop := context.WithCancel(ctx)
 	listening := make(chan struct{}, 1)
 	done := make(chan error, 1)
@@ -160,12 +162,21 @@ func TestAlone(t *testing.T) {
 	if alone, err := b.Alone(ctx); err != nil || alone {
 		t.Errorf("Alone while another replica listens = %v, %v; want false", alone, err)
 	}
+	gone := func(s *Store, want ...string) {
+		t.Helper()
+		got, err := s.Gone(ctx, []string{"a", "z"})
+		if err != nil || !slices.Equal(got, want) {
+			t.Errorf("Gone(a, z) = %v, %v; want %v", got, err, want)
+		}
+	}
+	gone(b, "z")
 	// Another schema's replicas are other tailnets.
 	other := openOther(t)
 	defer other.Close()
 	if alone, err := other.Alone(ctx); err != nil || !alone {
 		t.Errorf("Alone in another schema = %v, %v; want true", alone, err)
 	}
+	gone(other, "a", "z")
 	stop()
 	if err := <-done; err != nil {
 		t.Fatalf("Listen: %v", err)
@@ -173,6 +184,7 @@ func TestAlone(t *testing.T) {
 	if alone, err := b.Alone(ctx); err != nil || !alone {
 		t.Errorf("Alone after the other replica stopped = %v, %v; want true", alone, err)
 	}
+	gone(b, "a", "z")
 }
 
 // openOther opens a store in a schema of its own, not the test's.

@@ -82,4 +82,8 @@ CREATE TABLE changes_pruned (
 	through BIGINT NOT NULL
 );
 `,
+}, {
+	Version: 4,
+	Name:    "node holder",
+	SQL:     `ALTER TABLE nodes ADD COLUMN holder TEXT NOT NULL DEFAULT ''`,
 }}

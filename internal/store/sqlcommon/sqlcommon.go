@@ -75,7 +75,7 @@ var (
 	userCols = []string{"id", "name", "email", "display_name", "created_at"}
 	nodeCols = []string{"id", "machine_key", "node_key", "disco_key", "user_id", "tags", "hostname",
 		"given_name", "ipv4", "ipv6", "hostinfo", "endpoints", "auth_key_id", "ephemeral", "expiry",
-		"advertised_routes", "approved_routes", "created_at", "last_seen", "online"}
+		"advertised_routes", "approved_routes", "created_at", "last_seen", "online", "holder"}
 	keyCols = []string{"id", "secret_hash", "user_id", "reusable", "ephemeral", "tags", "expiration",
 		"created_at", "used", "revoked"}
 
@@ -282,7 +282,7 @@ func nodeArgs(n *store.Node) []any {
 		n.Hostname, n.GivenName, addrArg(n.IPv4), addrArg(n.IPv6), bytesArg(n.Hostinfo),
 		listArg(n.Endpoints), n.AuthKeyID, n.Ephemeral, timeArg(n.Expiry),
 		listArg(n.AdvertisedRoutes), listArg(n.ApprovedRoutes),
-		timeArg(n.CreatedAt), timeArg(n.LastSeen), n.Online}
+		timeArg(n.CreatedAt), timeArg(n.LastSeen), n.Online, n.Holder}
 }
 
 // describe names a mutation in error messages without dumping its values.
@@ -373,7 +373,7 @@ func scanNode(r Rows) (store.Node, error) {
 	)
 	err := r.Scan(&id, &n.MachineKey, &n.NodeKey, &n.DiscoKey, &userID, &tags, &n.Hostname,
 		&n.GivenName, &ipv4, &ipv6, &n.Hostinfo, &endpoints, &n.AuthKeyID, &n.Ephemeral, &expiry,
-		&adv, &approved, &created, &lastSeen, &n.Online)
+		&adv, &approved, &created, &lastSeen, &n.Online, &n.Holder)
 	if err != nil {
 		return n, err
 	}

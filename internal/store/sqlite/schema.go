@@ -83,4 +83,8 @@ CREATE TABLE changes_pruned (
 	through INTEGER NOT NULL
 );
 `,
+}, {
+	Version: 4,
+	Name:    "node holder",
+	SQL:     `ALTER TABLE nodes ADD COLUMN holder TEXT NOT NULL DEFAULT ''`,
 }}

@@ -218,6 +218,7 @@ func testRoundTrip(t *testing.T, open Opener) {
 		CreatedAt:        ts,
 		LastSeen:         ts.Add(time.Minute),
 		Online:           true,
+		Holder:           "replica-a",
 	}, {
 		// Everything optional unset, and empty slices that load as nil.
 		ID:               8,
@@ -286,6 +287,7 @@ func testReplace(t *testing.T, open Opener) {
 	n2.Tags = []string{"tag:x"}
 	n2.LastSeen = time.Now()
 	n2.Online = !n.Online
+	n2.Holder = ""
 	k2.Revoked = true
 	apply(t, s, store.Mutation{PutUser: &u2}, store.Mutation{PutNode: &n2}, store.Mutation{PutKey: &k2},
 		store.Mutation{PutSetting: &store.Setting{Key: "a", Value: []byte("2")}})
