@@ -15,35 +15,38 @@ import (
 	"github.com/tailplane/tailplane/internal/store/sqlite"
 )
 
-// clashCounter counts the registrations a store refused for a clash:
-// transactions that create a node and claim no block. (A group commit
-// that holds a lost claim is refused whole; its registrations are then
-// tried one by one.)
+// clashCounter counts the transactions a store refused: in clashes those
+// that create a node and claim no block (registrations: a group commit
+// holding a lost claim is refused whole, and its registrations are then
+// tried one by one), in lost those that claim a block.
 type clashCounter struct {
 	store.Store
-	clashes *atomic.Int64
+	clashes, lost *atomic.Int64
 }
 
 func (c clashCounter) Apply(ctx context.Context, muts []store.Mutation) (int64, error) {
 	seq, err := c.Store.Apply(ctx, muts)
-	if errors.Is(err, store.ErrConflict) &&
-		slices.ContainsFunc(muts, func(m store.Mutation) bool { return m.CreateNode != nil }) &&
-		!slices.ContainsFunc(muts, func(m store.Mutation) bool { return m.CreateSetting != nil }) {
-		c.clashes.Add(1)
+	if errors.Is(err, store.ErrConflict) {
+		switch {
+		case slices.ContainsFunc(muts, func(m store.Mutation) bool { return m.CreateSetting != nil }):
+			c.lost.Add(1)
+		case slices.ContainsFunc(muts, func(m store.Mutation) bool { return m.CreateNode != nil }):
+			c.clashes.Add(1)
+		}
 	}
 	return seq, err
 }
 
 // countedReplica is a replica on the shared database file whose refused
-// registrations are counted in clashes.
-func countedReplica(t *testing.T, path string, clashes *atomic.Int64) *State {
+// transactions are counted (clashCounter).
+func countedReplica(t *testing.T, path string, clashes, lost *atomic.Int64) *State {
 	t.Helper()
 	db, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	s := newState(t, clashCounter{db, clashes})
+	s := newState(t, clashCounter{db, clashes, lost})
 	t.Cleanup(s.Close)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -105,19 +108,30 @@ func inOwnBlocks(t *testing.T, who string, nodes []*Node) uint64 {
 // and again.
 func TestReplicasAllocateInOwnBlocks(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "tp.db")
-	var clashes atomic.Int64
-	a := countedReplica(t, path, &clashes)
-	b := countedReplica(t, path, &clashes)
+	var clashes, lost atomic.Int64
+	a := countedReplica(t, path, &clashes, &lost)
+	b := countedReplica(t, path, &clashes, &lost)
 	first := a.Node(aliceNode(t, a))
 	key := mustKey(t, a, KeyParams{User: "alice", Reusable: true})
+	for _, k := range []string{claimPrefix + "node_id/1", claimPrefix + SettingNextIPv4 + "/1"} {
+		eventually(t, "a claims "+k+" ahead", func() bool { return a.Setting(k) != nil })
+	}
 	catchUp(t, b)
+	// b has seen a's claims: its own take the next numbers at once.
+	warm := registerNamed(t, b, key, "warm", 1)
+	if n := lost.Load(); n != 0 {
+		t.Errorf("%d claims lost by a replica that had followed the other's, want none", n)
+	}
 
 	const n = 30
 	var onA, onB []*Node
 	var wg sync.WaitGroup
 	wg.Go(func() { onA = registerNamed(t, a, key, "a", n) })
-	wg.Go(func() { onB = registerNamed(t, b, key, "b", n) })
+	wg.Go(func() { onB = append(registerNamed(t, b, key, "b", n), warm...) })
 	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
 	if c := clashes.Load(); c != 0 {
 		t.Errorf("%d registrations refused for a clash, want none", c)
 	}
@@ -129,14 +143,22 @@ func TestReplicasAllocateInOwnBlocks(t *testing.T) {
 	checkSameNodes(t, a, b)
 }
 
+// secondReplica starts replica a with a node of alice and a reusable key
+// of hers, then replica b on the same file; both catch up only when told.
+func secondReplica(t *testing.T) (a, b *State, key string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "tp.db")
+	a, _ = replica(t, path, manual)
+	aliceNode(t, a)
+	key = mustKey(t, a, KeyParams{User: "alice", Reusable: true})
+	b, _ = replica(t, path, manual)
+	return a, b, key
+}
+
 // TestStartOwnRanges: a replica started beside a running one leaves the
 // blocks the stored cursors point at, which the running one fills.
 func TestStartOwnRanges(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "tp.db")
-	a, _ := replica(t, path, manual)
-	aliceNode(t, a)
-	key := mustKey(t, a, KeyParams{User: "alice", Reusable: true})
-	b, _ := replica(t, path, manual)
+	a, b, key := secondReplica(t)
 	b.StartOwnRanges()
 	nb := registerNamed(t, b, key, "b", 1)[0]
 	na := registerNamed(t, a, key, "a", 1)[0]
@@ -190,11 +212,7 @@ func TestFullBlockMovesOn(t *testing.T) {
 // TestSharedBlockIsLeft: a replica that sees another create a node in its
 // block (both took it up at start, each thinking itself alone) leaves it.
 func TestSharedBlockIsLeft(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "tp.db")
-	a, _ := replica(t, path, manual)
-	aliceNode(t, a)
-	key := mustKey(t, a, KeyParams{User: "alice", Reusable: true})
-	b, _ := replica(t, path, manual)
+	a, b, key := secondReplica(t)
 	if nb := registerNamed(t, b, key, "b", 1)[0]; nb.ID != 2 {
 		t.Fatalf("second replica's node has id %d, want 2 (it took up the stored cursor's block)", nb.ID)
 	}

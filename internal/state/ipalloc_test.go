@@ -116,6 +116,21 @@ func TestLaneResumes(t *testing.T) {
 	}
 }
 
+// TestLaneResumesAfterWrap: in a lane that has wrapped round, the cursor's
+// block is taken up under its newest claim, not the first generation's.
+func TestLaneResumesAfterWrap(t *testing.T) {
+	claim := claimPrefix + SettingNextIPv4 + "/"
+	// A /24's untagged lane is one block: every claim maps to it.
+	a, err := newIPAllocator(netip.MustParsePrefix("100.64.0.0/24"), netip.MustParsePrefix("fd7a:115c:a1e0::/48"),
+		map[string][]byte{SettingNextIPv4: []byte("5"), claim + "0": []byte("p"), claim + "1": []byte("q")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := a.lanes[laneUntagged].claims; !c.owned || c.seq != 1 || c.hasAhead {
+		t.Errorf("resumed under claim %d (owned %v, ahead %v), want 1 (owned, none ahead)", c.seq, c.owned, c.hasAhead)
+	}
+}
+
 // offsetAddr returns a moved n addresses on.
 func offsetAddr(a netip.Addr, n uint32) netip.Addr {
 	for range n {
