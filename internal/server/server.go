@@ -131,14 +131,7 @@ const watchReplicasEvery = 15 * time.Second
 // watchReplicas hands the nodes held by replicas that are gone to adopt
 // (control.Server.AdoptOrphans), every every, until ctx ends.
 func watchReplicas(ctx context.Context, w replicaWatcher, st *state.State, adopt func(map[string]bool) int, every time.Duration, log *slog.Logger) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	repeat(ctx, every, func() {
 		held := map[string]bool{}
 		for _, n := range st.Nodes() {
 			if n.Online && n.Holder != "" && n.Holder != st.Owner() {
@@ -146,15 +139,15 @@ func watchReplicas(ctx context.Context, w replicaWatcher, st *state.State, adopt
 			}
 		}
 		if len(held) == 0 {
-			continue
+			return
 		}
 		gone, err := w.Gone(ctx, slices.Collect(maps.Keys(held)))
 		if err != nil {
 			log.Warn("could not check which replicas are running", "err", err)
-			continue
+			return
 		}
 		if len(gone) == 0 {
-			continue
+			return
 		}
 		set := map[string]bool{}
 		for _, g := range gone {
@@ -162,6 +155,20 @@ func watchReplicas(ctx context.Context, w replicaWatcher, st *state.State, adopt
 		}
 		if n := adopt(set); n > 0 {
 			log.Warn("replicas stopped without marking their nodes offline; their nodes count as online for the restart grace while they reconnect", "replicas", gone, "nodes", n)
+		}
+	})
+}
+
+// repeat runs fn every d until ctx ends.
+func repeat(ctx context.Context, d time.Duration, fn func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			fn()
 		}
 	}
 }
@@ -183,14 +190,7 @@ type changePruner interface {
 // pruneChanges deletes change-log entries older than keep, every every,
 // until ctx ends.
 func pruneChanges(ctx context.Context, p changePruner, every, keep time.Duration, log *slog.Logger) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	repeat(ctx, every, func() {
 		start := time.Now()
 		n, err := p.PruneChanges(ctx, start.Add(-keep))
 		switch {
@@ -199,7 +199,7 @@ func pruneChanges(ctx context.Context, p changePruner, every, keep time.Duration
 		case n > 0:
 			log.Info("pruned the change log", "entries", n, "older_than", keep, "took", time.Since(start).Round(time.Millisecond))
 		}
-	}
+	})
 }
 
 // loadOrCreateKey keeps a server key in the store so it survives restarts
