@@ -125,12 +125,16 @@ type replicaWatcher interface {
 }
 
 // watchReplicasEvery is how often a replica looks for others that stopped
-// without marking their nodes offline.
+// without marking their nodes offline; one is taken for gone after two
+// looks, 15-30 s after it stopped.
 const watchReplicasEvery = 15 * time.Second
 
 // watchReplicas hands the nodes held by replicas that are gone to adopt
-// (control.Server.AdoptOrphans), every every, until ctx ends.
+// (control.Server.AdoptOrphans), every every, until ctx ends. A replica
+// counts as gone when two checks in a row find it so: one whose
+// notification connection is being re-established is gone for a moment.
 func watchReplicas(ctx context.Context, w replicaWatcher, st *state.State, adopt func(map[string]bool) int, every time.Duration, log *slog.Logger) {
+	var suspects map[string]bool // gone at the last check
 	repeat(ctx, every, func() {
 		held := map[string]bool{}
 		for _, n := range st.Nodes() {
@@ -139,6 +143,7 @@ func watchReplicas(ctx context.Context, w replicaWatcher, st *state.State, adopt
 			}
 		}
 		if len(held) == 0 {
+			suspects = nil
 			return
 		}
 		gone, err := w.Gone(ctx, slices.Collect(maps.Keys(held)))
@@ -146,15 +151,22 @@ func watchReplicas(ctx context.Context, w replicaWatcher, st *state.State, adopt
 			log.Warn("could not check which replicas are running", "err", err)
 			return
 		}
-		if len(gone) == 0 {
+		confirmed := map[string]bool{}
+		for _, g := range gone {
+			if suspects[g] {
+				confirmed[g] = true
+			}
+		}
+		suspects = map[string]bool{}
+		for _, g := range gone {
+			suspects[g] = true
+		}
+		if len(confirmed) == 0 {
 			return
 		}
-		set := map[string]bool{}
-		for _, g := range gone {
-			set[g] = true
-		}
-		if n := adopt(set); n > 0 {
-			log.Warn("replicas stopped without marking their nodes offline; their nodes count as online for the restart grace while they reconnect", "replicas", gone, "nodes", n)
+		if n := adopt(confirmed); n > 0 {
+			log.Warn("replicas stopped without marking their nodes offline; their nodes count as online for the restart grace while they reconnect",
+				"replicas", slices.Sorted(maps.Keys(confirmed)), "nodes", n)
 		}
 	})
 }

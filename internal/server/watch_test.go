@@ -18,12 +18,12 @@ import (
 	"github.com/tailplane/tailplane/internal/store/sqlite"
 )
 
-// fakeWatcher reports the replicas in gone as gone, and records what it
-// was asked.
+// fakeWatcher reports replica "crashed" as gone, and "blip" at its first
+// check only; it records what it was asked and how often.
 type fakeWatcher struct {
-	gone  string
 	mu    sync.Mutex
 	asked []string
+	calls int
 }
 
 func (f *fakeWatcher) SetReplica(string) {}
@@ -31,15 +31,17 @@ func (f *fakeWatcher) SetReplica(string) {}
 func (f *fakeWatcher) Gone(_ context.Context, ids []string) ([]string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.calls++
 	f.asked = slices.Sorted(slices.Values(ids))
-	if slices.Contains(ids, f.gone) {
-		return []string{f.gone}, nil
+	gone := []string{"crashed"}
+	if f.calls == 1 {
+		gone = append(gone, "blip")
 	}
-	return nil, nil
+	return gone, nil
 }
 
 // TestWatchReplicas: the watch asks about the holders of online nodes and
-// hands the gone ones to adopt.
+// hands those gone at two checks in a row to adopt.
 func TestWatchReplicas(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -52,7 +54,7 @@ func TestWatchReplicas(t *testing.T) {
 	for i, h := range []struct {
 		holder string
 		online bool
-	}{{"crashed", true}, {"running", true}, {"earlier", false}} {
+	}{{"crashed", true}, {"running", true}, {"blip", true}, {"earlier", false}} {
 		muts = append(muts, store.Mutation{CreateNode: &store.Node{
 			ID: uint64(i + 1), MachineKey: key.NewMachine().Public().String(), NodeKey: key.NewNode().Public().String(),
 			UserID: 1, GivenName: fmt.Sprint("n", i), IPv4: netip.AddrFrom4([4]byte{100, 64, 0, byte(i + 1)}),
@@ -67,11 +69,16 @@ func TestWatchReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	w := &fakeWatcher{gone: "crashed"}
+	w := &fakeWatcher{}
 	adopted := make(chan map[string]bool, 1)
+	calls := make(chan int, 1)
 	go watchReplicas(ctx, w, st, func(gone map[string]bool) int {
+		w.mu.Lock()
+		n := w.calls
+		w.mu.Unlock()
 		select {
 		case adopted <- gone:
+			calls <- n
 		default:
 		}
 		return 1
@@ -79,14 +86,17 @@ func TestWatchReplicas(t *testing.T) {
 	select {
 	case gone := <-adopted:
 		if len(gone) != 1 || !gone["crashed"] {
-			t.Errorf("adopted the nodes of %v, want those of crashed", gone)
+			t.Errorf("adopted the nodes of %v, want those of crashed (blip was gone at one check only)", gone)
+		}
+		if n := <-calls; n != 2 {
+			t.Errorf("adopted after %d checks, want 2", n)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("nothing adopted in 5 s")
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if !slices.Equal(w.asked, []string{"crashed", "running"}) {
-		t.Errorf("asked about %v, want the holders of online nodes: [crashed running]", w.asked)
+	if !slices.Equal(w.asked, []string{"blip", "crashed", "running"}) {
+		t.Errorf("asked about %v, want the holders of online nodes: [blip crashed running]", w.asked)
 	}
 }
