@@ -207,27 +207,24 @@ func (s *State) claimBlock(ctx context.Context, c *claims, ahead bool) error {
 		n := c.next()
 		c.hasWant = false
 		c.observeNumber(n)
-		set := &store.Setting{Key: c.key(n), Value: []byte(s.owner)}
-		s.settings[set.Key] = set.Value
-		muts := []store.Mutation{{CreateSetting: set}}
-		s.commit.pend(muts)
 		done := make(chan struct{})
 		c.inflight = done
 		s.mu.Unlock()
 
-		err := s.commit.commit(ctx, muts)
+		key := c.key(n)
+		err := s.putSetting(ctx, key, []byte(s.owner), nil, true)
 		s.mu.Lock()
 		c.inflight = nil
 		close(done)
 		if err == nil {
 			c.gained(n, ahead)
-			s.mu.Unlock()
+		}
+		s.mu.Unlock()
+		if err == nil {
 			return nil
 		}
-		delete(s.settings, set.Key)
-		s.mu.Unlock()
 		if !errors.Is(err, store.ErrConflict) || attempt == claimAttempts {
-			return fmt.Errorf("state: claim %s: %w", set.Key, err)
+			return fmt.Errorf("state: claim %s: %w", key, err)
 		}
 		if s.following() {
 			if err := s.CatchUp(ctx); err != nil {
