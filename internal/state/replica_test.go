@@ -89,6 +89,18 @@ func aliceNode(t *testing.T, s *State) uint64 {
 	return res.Node.ID
 }
 
+// aliceOnTwo starts two replicas on one file that catch up only when
+// told, registers a node of alice on the first and has the second follow.
+func aliceOnTwo(t *testing.T) (a, b *State, id uint64) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "shared.db")
+	a, _ = replica(t, path, manual)
+	b, _ = replica(t, path, manual)
+	id = aliceNode(t, a)
+	catchUp(t, b)
+	return a, b, id
+}
+
 // catchUp makes s follow what the others committed, now.
 func catchUp(t *testing.T, s *State) {
 	t.Helper()
@@ -302,11 +314,7 @@ func TestFollowerBehindPrunedLog(t *testing.T) {
 // one over it when it catches up.
 func TestNewerOwnWriteStands(t *testing.T) {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "shared.db")
-	a, _ := replica(t, path, manual)
-	b, _ := replica(t, path, manual)
-	id := aliceNode(t, a)
-	catchUp(t, b)
+	a, b, id := aliceOnTwo(t)
 	if _, err := b.RenameNode(ctx, id, "from-b"); err != nil {
 		t.Fatal(err)
 	}
@@ -457,11 +465,7 @@ func TestKeyFromAnotherReplica(t *testing.T) {
 // while another deletes it does not bring the node back.
 func TestDeletedNodeStaysDeleted(t *testing.T) {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "shared.db")
-	a, _ := replica(t, path, manual)
-	b, _ := replica(t, path, manual)
-	id := aliceNode(t, a)
-	catchUp(t, b)
+	a, b, id := aliceOnTwo(t)
 	if err := b.DeleteNode(ctx, id); err != nil {
 		t.Fatal(err)
 	}
