@@ -272,7 +272,9 @@ func (s *State) ExpireKey(ctx context.Context, id string) error {
 	return nil
 }
 
-// updateNode applies fn to a copy of node id and commits it durably.
+// updateNode applies fn to a copy of node id and commits its admin part
+// (store.NodeAdmin, the only fields fn may change) durably: another
+// replica's concurrent write of the node's client part stands.
 func (s *State) updateNode(ctx context.Context, id uint64, fn func(n *Node) error) (*Node, error) {
 	s.mu.Lock()
 	old := s.nodes[id]
@@ -285,7 +287,7 @@ func (s *State) updateNode(ctx context.Context, id uint64, fn func(n *Node) erro
 		s.mu.Unlock()
 		return nil, err
 	}
-	res, err := s.putNodeLocked(ctx, old, n, nil, nil)
+	res, err := s.putNodeLocked(ctx, old, n, store.NodeAdmin, nil, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -397,11 +399,15 @@ func (s *State) UpdateFromClient(id uint64, u ClientUpdate) {
 	if !u.DiscoKey.IsZero() {
 		n.DiscoKey = u.DiscoKey
 	}
+	part := store.NodeClient
 	if u.Hostinfo != nil {
 		s.applyHostinfoLocked(n, u.Hostinfo)
+		if !slices.Equal(n.ApprovedRoutes, old.ApprovedRoutes) {
+			part |= store.NodeAdmin // routes it stopped advertising, or auto-approved ones
+		}
 	}
 	s.replaceNode(old, n)
-	muts := []store.Mutation{{UpdateNode: toStoreNode(n)}}
+	muts := []store.Mutation{{PatchNode: &store.NodePatch{Part: part, Node: *toStoreNode(n)}}}
 	s.commit.pend(muts)
 	s.mu.Unlock()
 	s.commit.commitAsync(muts)
@@ -430,7 +436,7 @@ func (s *State) SetOnline(id uint64, online bool) {
 		sn := toStoreNode(old)
 		sn.LastSeen = s.now().UTC()
 		sn.Holder = s.owner
-		muts := []store.Mutation{{UpdateNode: sn}}
+		muts := []store.Mutation{{PatchNode: &store.NodePatch{Part: store.NodeClient, Node: *sn}}}
 		s.commit.pend(muts)
 		s.mu.Unlock()
 		s.commit.commitAsync(muts)
@@ -444,7 +450,7 @@ func (s *State) SetOnline(id uint64, online bool) {
 		n.Holder = s.owner
 	}
 	s.replaceNode(old, n)
-	muts := []store.Mutation{{UpdateNode: toStoreNode(n)}}
+	muts := []store.Mutation{{PatchNode: &store.NodePatch{Part: store.NodeClient, Node: *toStoreNode(n)}}}
 	s.commit.pend(muts)
 	s.mu.Unlock()
 	s.commit.commitAsync(muts)

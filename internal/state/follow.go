@@ -195,8 +195,25 @@ func (s *State) redo(ctx context.Context) error {
 // appends the events it causes to evs.
 func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Event) []Event {
 	for _, m := range ch.Mutations {
-		if r := rowOf(m); only != nil && !only(r) || s.commit.own.newer(r, ch.Seq) {
-			continue // not asked for, or this process's later write stands
+		// The rows to apply: asked for, and not hidden by this process's
+		// later write, which stands. Every row is asked about, so that
+		// the pending ones record what they hid.
+		var buf [3]row // a node's rows, the most one mutation writes
+		apply, hidden := buf[:0], 0
+		eachRow(m, func(r row) {
+			switch {
+			case only != nil && !only(r):
+			case s.commit.own.newer(r, ch.Seq):
+				hidden++
+			default:
+				apply = append(apply, r)
+			}
+		})
+		if len(apply) == 0 || m.DeleteNode != 0 && hidden > 0 {
+			// A node is deleted whole or not at all: a write of this
+			// process hiding the deletion fails, and the deletion is
+			// then applied after all (redo).
+			continue
 		}
 		switch {
 		case m.PutUser != nil || m.CreateUser != nil:
@@ -225,16 +242,24 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 				}
 			}
 			evs = append(evs, Event{Kind: UsersChanged, Foreign: true})
-		case m.PutNode != nil || m.CreateNode != nil || m.UpdateNode != nil:
+		case m.PutNode != nil || m.CreateNode != nil || m.UpdateNode != nil || m.PatchNode != nil:
 			sn := cmp.Or(m.PutNode, m.CreateNode, m.UpdateNode)
-			n, err := fromStoreNode(sn)
+			if m.PatchNode != nil {
+				sn = &m.PatchNode.Node
+			}
+			n, core, err := s.mergeNodeLocked(sn, apply)
 			if err != nil {
 				s.log.Error("skipping another replica's node that does not decode", "node", sn.ID, "change", ch.Seq, "err", err)
 				continue
 			}
+			if n == nil {
+				continue // a part of a node this replica no longer has
+			}
 			if old := s.nodes[n.ID]; old != nil {
 				s.unindexNode(old)
-				s.ips.release(old.IPv4, old.IPv6)
+				if core {
+					s.ips.release(old.IPv4, old.IPv6)
+				}
 			}
 			s.indexNode(n)
 			s.ips.markUsed(n.IPv4, n.IPv6)
@@ -268,6 +293,37 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 		}
 	}
 	return evs
+}
+
+// mergeNodeLocked returns the node sn's rows apply (a subset of the rows
+// its mutation writes) make of the one in memory, and whether they include
+// its core; nil if sn writes parts of a node not in memory.
+func (s *State) mergeNodeLocked(sn *store.Node, apply []row) (n *Node, core bool, err error) {
+	var parts store.NodePart
+	for _, r := range apply {
+		for _, nr := range nodeRows {
+			if r.kind == nr.kind {
+				parts |= nr.part
+				core = core || nr.kind == 'n'
+			}
+		}
+	}
+	if old := s.nodes[sn.ID]; old != nil {
+		n = old.clone()
+	} else if !core {
+		return nil, false, nil
+	} else {
+		n = new(Node)
+	}
+	if core {
+		if err := decodeCore(n, sn); err != nil {
+			return nil, false, err
+		}
+	}
+	if err := decodeParts(n, sn, parts); err != nil {
+		return nil, false, err
+	}
+	return n, core, nil
 }
 
 // applySettingLocked applies another replica's setting: a policy becomes

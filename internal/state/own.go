@@ -7,41 +7,58 @@ import (
 	"github.com/tailplane/tailplane/internal/store"
 )
 
-// row names what one mutation writes: a user, node or key by id, or a
-// setting by name.
+// row names what one mutation writes: a user, a part of a node (see
+// nodeRows) or a key by id, or a setting by name.
 type row struct {
-	kind byte // 'u', 'n', 'k' or 's'
+	kind byte // 'u', 'n', 'c', 'a', 'k' or 's'
 	id   uint64
 	name string
 }
 
-// rowOf returns the row m writes.
-func rowOf(m store.Mutation) row {
+// A node is three rows: the core written only whole ('n'), and the parts
+// its client ('c') and its admins ('a') write on their own
+// (store.NodePart). Tracking them apart lets another replica's write of one
+// part apply while this one's write of another is in flight.
+var nodeRows = []struct {
+	kind byte
+	part store.NodePart
+}{{'n', 0}, {'c', store.NodeClient}, {'a', store.NodeAdmin}}
+
+// eachRow calls fn with each row m writes.
+func eachRow(m store.Mutation, fn func(row)) {
+	node := func(id uint64, parts store.NodePart, whole bool) {
+		for _, nr := range nodeRows {
+			if whole || parts&nr.part != 0 {
+				fn(row{kind: nr.kind, id: id})
+			}
+		}
+	}
 	switch {
 	case m.PutUser != nil:
-		return row{kind: 'u', id: m.PutUser.ID}
+		fn(row{kind: 'u', id: m.PutUser.ID})
 	case m.CreateUser != nil:
-		return row{kind: 'u', id: m.CreateUser.ID}
+		fn(row{kind: 'u', id: m.CreateUser.ID})
 	case m.DeleteUser != 0:
-		return row{kind: 'u', id: m.DeleteUser}
+		fn(row{kind: 'u', id: m.DeleteUser})
 	case m.PutNode != nil:
-		return row{kind: 'n', id: m.PutNode.ID}
+		node(m.PutNode.ID, 0, true)
 	case m.CreateNode != nil:
-		return row{kind: 'n', id: m.CreateNode.ID}
+		node(m.CreateNode.ID, 0, true)
 	case m.UpdateNode != nil:
-		return row{kind: 'n', id: m.UpdateNode.ID}
+		node(m.UpdateNode.ID, 0, true)
+	case m.PatchNode != nil:
+		node(m.PatchNode.Node.ID, m.PatchNode.Part, false)
 	case m.DeleteNode != 0:
-		return row{kind: 'n', id: m.DeleteNode}
+		node(m.DeleteNode, 0, true)
 	case m.PutKey != nil:
-		return row{kind: 'k', name: m.PutKey.ID}
+		fn(row{kind: 'k', name: m.PutKey.ID})
 	case m.ConsumeKey != "":
-		return row{kind: 'k', name: m.ConsumeKey}
+		fn(row{kind: 'k', name: m.ConsumeKey})
 	case m.PutSetting != nil:
-		return row{kind: 's', name: m.PutSetting.Key}
+		fn(row{kind: 's', name: m.PutSetting.Key})
 	case m.CreateSetting != nil:
-		return row{kind: 's', name: m.CreateSetting.Key}
+		fn(row{kind: 's', name: m.CreateSetting.Key})
 	}
-	return row{}
 }
 
 // ownWrites tracks, while the state follows other replicas, the rows this
@@ -87,7 +104,7 @@ func (o *ownWrites) pend(muts []store.Mutation) {
 	}
 	o.mu.Lock()
 	for _, m := range muts {
-		o.pending[rowOf(m)]++
+		eachRow(m, func(r row) { o.pending[r]++ })
 	}
 	o.mu.Unlock()
 }
@@ -100,17 +117,18 @@ func (o *ownWrites) unpend(muts []store.Mutation, failed bool) {
 	}
 	o.mu.Lock()
 	for _, m := range muts {
-		r := rowOf(m)
-		if o.pending[r]--; o.pending[r] > 0 {
-			continue
-		}
-		delete(o.pending, r)
-		if seq, ok := o.skipped[r]; ok {
-			delete(o.skipped, r)
-			if prev, ok := o.redo[r]; failed && (!ok || seq < prev) {
-				o.redo[r] = seq
+		eachRow(m, func(r row) {
+			if o.pending[r]--; o.pending[r] > 0 {
+				return
 			}
-		}
+			delete(o.pending, r)
+			if seq, ok := o.skipped[r]; ok {
+				delete(o.skipped, r)
+				if prev, ok := o.redo[r]; failed && (!ok || seq < prev) {
+					o.redo[r] = seq
+				}
+			}
+		})
 	}
 	o.mu.Unlock()
 }
@@ -148,8 +166,7 @@ func (o *ownWrites) committed(seq int64, muts []store.Mutation) {
 	o.mu.Lock()
 	o.seqs[seq] = true
 	for _, m := range muts {
-		r := rowOf(m)
-		o.latest[r] = max(o.latest[r], seq)
+		eachRow(m, func(r row) { o.latest[r] = max(o.latest[r], seq) })
 	}
 	o.mu.Unlock()
 }

@@ -139,7 +139,7 @@ func (s *State) register(ctx context.Context, p RegisterParams, retry bool) (*Re
 		// Key rotation of a still-valid node: swap keys, keep the rest.
 		n := existing.clone()
 		n.NodeKey = p.NodeKey
-		return s.putNodeLocked(ctx, existing, n, nil, nil)
+		return s.putNodeLocked(ctx, existing, n, 0, nil, nil)
 	}
 
 	k, err := s.checkKeyLocked(p.AuthKey, now)
@@ -203,7 +203,7 @@ func (s *State) register(ctx context.Context, p RegisterParams, retry bool) (*Re
 		k.Used = true
 		consumed = k
 	}
-	return s.putNodeLocked(ctx, existing, n, muts, consumed)
+	return s.putNodeLocked(ctx, existing, n, 0, muts, consumed)
 }
 
 // putNodeLocked installs n (replacing old; nil for a new node), commits it
@@ -211,13 +211,20 @@ func (s *State) register(ctx context.Context, p RegisterParams, retry bool) (*Re
 // fails. It unlocks s.mu. A new node is created and an old one updated,
 // not upserted: a new one cannot overwrite a node another replica created
 // with the same id, nor an update bring back one another replica deleted.
-func (s *State) putNodeLocked(ctx context.Context, old, n *Node, extra []store.Mutation, consumed *PreAuthKey) (*RegisterResult, error) {
-	put := store.Mutation{UpdateNode: toStoreNode(n)}
-	if old != nil {
-		s.replaceNode(old, n)
-	} else {
+// An old node is written whole, or only its part when part is not 0 (see
+// store.NodePart).
+func (s *State) putNodeLocked(ctx context.Context, old, n *Node, part store.NodePart, extra []store.Mutation, consumed *PreAuthKey) (*RegisterResult, error) {
+	var put store.Mutation
+	switch {
+	case old == nil:
 		s.indexNode(n)
-		put = store.Mutation{CreateNode: put.UpdateNode}
+		put.CreateNode = toStoreNode(n)
+	case part != 0:
+		s.replaceNode(old, n)
+		put.PatchNode = &store.NodePatch{Part: part, Node: *toStoreNode(n)}
+	default:
+		s.replaceNode(old, n)
+		put.UpdateNode = toStoreNode(n)
 	}
 	u := s.users[n.UserID]
 	muts := append(extra, put)
@@ -263,7 +270,7 @@ func (s *State) logoutLocked(ctx context.Context, n *Node, expiry time.Time) (*R
 	}
 	c := n.clone()
 	c.Expiry = expiry
-	return s.putNodeLocked(ctx, n, c, nil, nil)
+	return s.putNodeLocked(ctx, n, c, store.NodeAdmin, nil, nil)
 }
 
 // checkKeyLocked validates a presented pre-auth key. It does no expensive

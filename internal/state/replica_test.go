@@ -341,7 +341,7 @@ func TestOwnWritesRewind(t *testing.T) {
 	var o ownWrites
 	o.start()
 	node := []store.Mutation{{DeleteNode: 7}}
-	r := rowOf(node[0])
+	r := row{kind: 'n', id: 7}
 	o.pend(node)
 	if !o.newer(r, 5) || !o.newer(r, 6) {
 		t.Fatal("a pending write does not hide other replicas' entries")
@@ -479,5 +479,46 @@ func TestDeletedNodeStaysDeleted(t *testing.T) {
 	}
 	if len(snap.Nodes) != 0 || a.Node(id) != nil {
 		t.Errorf("the deleted node is back: %d in the store, in a's memory: %v", len(snap.Nodes), a.Node(id) != nil)
+	}
+}
+
+// TestEditsOfOneNodeOnTwoReplicasMerge: an admin change on one replica and
+// the node's client reporting to another at the same moment both stand,
+// in memory and in the store, whichever commits first: each writes only
+// its part of the node (store.NodePart).
+func TestEditsOfOneNodeOnTwoReplicasMerge(t *testing.T) {
+	ctx := context.Background()
+	a, b, id := aliceOnTwo(t)
+	endpoints := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}
+	stored := func() store.Node {
+		snap, err := a.commit.st.Load(ctx)
+		if err != nil || len(snap.Nodes) != 1 {
+			t.Fatalf("Load: %d nodes, %v", len(snap.Nodes), err)
+		}
+		return snap.Nodes[0]
+	}
+
+	// b has not followed a's rename when the client reports to it.
+	if _, err := a.RenameNode(ctx, id, "renamed-on-a"); err != nil {
+		t.Fatal(err)
+	}
+	b.UpdateFromClient(id, ClientUpdate{Endpoints: endpoints})
+	eventually(t, "b's soft-state write reaches the store", func() bool { return len(stored().Endpoints) == 1 })
+	if name := stored().GivenName; name != "renamed-on-a" {
+		t.Errorf("after b's soft-state write the store has the node named %q, want renamed-on-a", name)
+	}
+	// Nor has a followed that report when it tags the node.
+	if _, err := a.TagNode(ctx, id, []string{"tag:server"}); err != nil {
+		t.Fatal(err)
+	}
+	catchUp(t, a)
+	catchUp(t, b)
+
+	sn := stored()
+	for name, n := range map[string]*Node{"a": a.Node(id), "b": b.Node(id), "the store": {GivenName: sn.GivenName, Tags: sn.Tags, Endpoints: sn.Endpoints}} {
+		if n.GivenName != "renamed-on-a" || !slices.Equal(n.Tags, []string{"tag:server"}) || !slices.Equal(n.Endpoints, endpoints) {
+			t.Errorf("%s has name %q, tags %v, endpoints %v; want every edit: renamed-on-a, [tag:server], %v",
+				name, n.GivenName, n.Tags, n.Endpoints, endpoints)
+		}
 	}
 }

@@ -459,31 +459,51 @@ func toStoreUser(u *User) *store.User {
 }
 
 func fromStoreNode(sn *store.Node) (*Node, error) {
-	n := &Node{
-		ID: sn.ID, UserID: sn.UserID, Tags: sn.Tags, Hostname: sn.Hostname, GivenName: sn.GivenName,
-		IPv4: sn.IPv4, IPv6: sn.IPv6, Endpoints: sn.Endpoints, AuthKeyID: sn.AuthKeyID,
-		Ephemeral: sn.Ephemeral, Expiry: sn.Expiry, AdvertisedRoutes: sn.AdvertisedRoutes,
-		ApprovedRoutes: sn.ApprovedRoutes, CreatedAt: sn.CreatedAt, LastSeen: sn.LastSeen,
-		Online: sn.Online, Holder: sn.Holder,
+	n := new(Node)
+	if err := decodeCore(n, sn); err != nil {
+		return nil, err
 	}
-	if err := n.MachineKey.UnmarshalText([]byte(sn.MachineKey)); err != nil {
-		return nil, fmt.Errorf("machine key: %w", err)
-	}
-	if err := n.NodeKey.UnmarshalText([]byte(sn.NodeKey)); err != nil {
-		return nil, fmt.Errorf("node key: %w", err)
-	}
-	if sn.DiscoKey != "" {
-		if err := n.DiscoKey.UnmarshalText([]byte(sn.DiscoKey)); err != nil {
-			return nil, fmt.Errorf("disco key: %w", err)
-		}
-	}
-	if len(sn.Hostinfo) > 0 {
-		n.Hostinfo = new(tailcfg.Hostinfo)
-		if err := json.Unmarshal(sn.Hostinfo, n.Hostinfo); err != nil {
-			return nil, fmt.Errorf("hostinfo: %w", err)
-		}
+	if err := decodeParts(n, sn, store.NodeClient|store.NodeAdmin); err != nil {
+		return nil, err
 	}
 	return n, nil
+}
+
+// decodeCore sets n's fields that only a whole write changes from sn.
+func decodeCore(n *Node, sn *store.Node) error {
+	n.ID, n.UserID, n.IPv4, n.IPv6 = sn.ID, sn.UserID, sn.IPv4, sn.IPv6
+	n.AuthKeyID, n.Ephemeral, n.CreatedAt = sn.AuthKeyID, sn.Ephemeral, sn.CreatedAt
+	if err := n.MachineKey.UnmarshalText([]byte(sn.MachineKey)); err != nil {
+		return fmt.Errorf("machine key: %w", err)
+	}
+	if err := n.NodeKey.UnmarshalText([]byte(sn.NodeKey)); err != nil {
+		return fmt.Errorf("node key: %w", err)
+	}
+	return nil
+}
+
+// decodeParts sets n's fields of the parts p from sn (see store.NodePart).
+func decodeParts(n *Node, sn *store.Node, p store.NodePart) error {
+	if p&store.NodeClient != 0 {
+		n.Hostname, n.Endpoints, n.AdvertisedRoutes = sn.Hostname, sn.Endpoints, sn.AdvertisedRoutes
+		n.LastSeen, n.Online, n.Holder = sn.LastSeen, sn.Online, sn.Holder
+		n.DiscoKey, n.Hostinfo = key.DiscoPublic{}, nil
+		if sn.DiscoKey != "" {
+			if err := n.DiscoKey.UnmarshalText([]byte(sn.DiscoKey)); err != nil {
+				return fmt.Errorf("disco key: %w", err)
+			}
+		}
+		if len(sn.Hostinfo) > 0 {
+			n.Hostinfo = new(tailcfg.Hostinfo)
+			if err := json.Unmarshal(sn.Hostinfo, n.Hostinfo); err != nil {
+				return fmt.Errorf("hostinfo: %w", err)
+			}
+		}
+	}
+	if p&store.NodeAdmin != 0 {
+		n.GivenName, n.Tags, n.ApprovedRoutes, n.Expiry = sn.GivenName, sn.Tags, sn.ApprovedRoutes, sn.Expiry
+	}
+	return nil
 }
 
 func toStoreNode(n *Node) *store.Node {

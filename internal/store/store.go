@@ -68,6 +68,40 @@ type Node struct {
 	Holder string
 }
 
+// NodePart names a set of a node's fields that one kind of writer owns.
+// The rest of a node (its keys, owner, addresses, pre-auth key, creation
+// time) changes only when the whole node is written, at registration.
+type NodePart uint8
+
+const (
+	// NodeClient is what the node's client reports and its presence:
+	// DiscoKey, Hostname, Hostinfo, Endpoints, AdvertisedRoutes, LastSeen,
+	// Online and Holder.
+	NodeClient NodePart = 1 << iota
+	// NodeAdmin is what admin commands and policy decisions set:
+	// GivenName, Tags, ApprovedRoutes and Expiry.
+	NodeAdmin
+)
+
+// Copy copies the fields of the parts p names from src to dst.
+func (p NodePart) Copy(dst, src *Node) {
+	if p&NodeClient != 0 {
+		dst.DiscoKey, dst.Hostname, dst.Hostinfo = src.DiscoKey, src.Hostname, src.Hostinfo
+		dst.Endpoints, dst.AdvertisedRoutes = src.Endpoints, src.AdvertisedRoutes
+		dst.LastSeen, dst.Online, dst.Holder = src.LastSeen, src.Online, src.Holder
+	}
+	if p&NodeAdmin != 0 {
+		dst.GivenName, dst.Tags, dst.ApprovedRoutes, dst.Expiry = src.GivenName, src.Tags, src.ApprovedRoutes, src.Expiry
+	}
+}
+
+// NodePatch is a write of some parts of a node: Node's ID and the fields
+// of Part. Other fields are ignored and not recorded.
+type NodePatch struct {
+	Part NodePart
+	Node Node
+}
+
 // PreAuthKey is a pre-authentication key. The secret itself is never
 // stored, only its SHA-256.
 type PreAuthKey struct {
@@ -109,6 +143,11 @@ type Mutation struct {
 	// PutNode it cannot bring back a node another replica deleted while
 	// this one wrote it.
 	UpdateNode *Node
+	// PatchNode writes only the columns of its part of an existing node;
+	// ErrNotFound if absent. Replicas write the parts of one node that
+	// different actors own (its client, its admins) without undoing each
+	// other's changes to the rest of the row.
+	PatchNode  *NodePatch
 	DeleteNode uint64 // by ID; fails with ErrNotFound if absent
 	PutKey     *PreAuthKey
 	// ConsumeKey marks a one-off key used; ErrConflict if it already was.

@@ -30,6 +30,14 @@ func normalize(m store.Mutation) store.Mutation {
 		m.CreateNode = normalizeNode(*m.CreateNode)
 	case m.UpdateNode != nil:
 		m.UpdateNode = normalizeNode(*m.UpdateNode)
+	case m.PatchNode != nil:
+		// Only the part's fields are kept, so the change log records
+		// what the patch wrote and nothing a follower could mistake for
+		// the rest of the row.
+		var n store.Node
+		n.ID = m.PatchNode.Node.ID
+		m.PatchNode.Part.Copy(&n, &m.PatchNode.Node)
+		m.PatchNode = &store.NodePatch{Part: m.PatchNode.Part, Node: *normalizeNode(n)}
 	case m.PutKey != nil:
 		k := *m.PutKey
 		k.Tags = nilIfEmpty(k.Tags)

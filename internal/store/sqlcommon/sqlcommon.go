@@ -93,6 +93,13 @@ var (
 	selectKeys  = "SELECT " + strings.Join(keyCols, ", ") + " FROM pre_auth_keys ORDER BY id"
 )
 
+// patchNode holds the UPDATE of each combination of node parts.
+var patchNode = map[store.NodePart]string{
+	store.NodeClient:                   update("nodes", nodePartCols(store.NodeClient)...),
+	store.NodeAdmin:                    update("nodes", nodePartCols(store.NodeAdmin)...),
+	store.NodeClient | store.NodeAdmin: update("nodes", nodePartCols(store.NodeClient|store.NodeAdmin)...),
+}
+
 const (
 	deleteUser = "DELETE FROM users WHERE id = $1"
 	deleteNode = "DELETE FROM nodes WHERE id = $1"
@@ -193,6 +200,12 @@ func NewBatch(muts []store.Mutation, now time.Time, pre, post []Stmt, isUnique f
 			add(i, unique, Stmt{SQL: createNode, Args: nodeArgs(m.CreateNode)})
 		case m.UpdateNode != nil:
 			add(i, mustAffect, Stmt{SQL: updateNode, Args: nodeArgs(m.UpdateNode)})
+		case m.PatchNode != nil:
+			q, ok := patchNode[m.PatchNode.Part]
+			if !ok {
+				return nil, fmt.Errorf("mutation %d patches no known part of node %d (%d)", i, m.PatchNode.Node.ID, m.PatchNode.Part)
+			}
+			add(i, mustAffect, Stmt{SQL: q, Args: nodePartArgs(m.PatchNode)})
 		case m.DeleteNode != 0:
 			add(i, mustAffect, Stmt{SQL: deleteNode, Args: []any{int64(m.DeleteNode)}})
 		case m.PutKey != nil:
@@ -285,6 +298,32 @@ func nodeArgs(n *store.Node) []any {
 		timeArg(n.CreatedAt), timeArg(n.LastSeen), n.Online, n.Holder}
 }
 
+// nodePartCols returns the id column and the columns of part p, in the
+// order nodePartArgs gives their values.
+func nodePartCols(p store.NodePart) []string {
+	cols := []string{"id"}
+	if p&store.NodeClient != 0 {
+		cols = append(cols, "disco_key", "hostname", "hostinfo", "endpoints", "advertised_routes", "last_seen", "online", "holder")
+	}
+	if p&store.NodeAdmin != 0 {
+		cols = append(cols, "given_name", "tags", "approved_routes", "expiry")
+	}
+	return cols
+}
+
+func nodePartArgs(p *store.NodePatch) []any {
+	n := &p.Node
+	args := []any{int64(n.ID)}
+	if p.Part&store.NodeClient != 0 {
+		args = append(args, n.DiscoKey, n.Hostname, bytesArg(n.Hostinfo), listArg(n.Endpoints),
+			listArg(n.AdvertisedRoutes), timeArg(n.LastSeen), n.Online, n.Holder)
+	}
+	if p.Part&store.NodeAdmin != 0 {
+		args = append(args, n.GivenName, listArg(n.Tags), listArg(n.ApprovedRoutes), timeArg(n.Expiry))
+	}
+	return args
+}
+
 // describe names a mutation in error messages without dumping its values.
 func describe(m store.Mutation) string {
 	switch {
@@ -300,6 +339,8 @@ func describe(m store.Mutation) string {
 		return fmt.Sprintf("CreateNode %d", m.CreateNode.ID)
 	case m.UpdateNode != nil:
 		return fmt.Sprintf("UpdateNode %d", m.UpdateNode.ID)
+	case m.PatchNode != nil:
+		return fmt.Sprintf("PatchNode %d", m.PatchNode.Node.ID)
 	case m.DeleteNode != 0:
 		return fmt.Sprintf("DeleteNode %d", m.DeleteNode)
 	case m.PutKey != nil:

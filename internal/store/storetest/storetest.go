@@ -47,6 +47,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"DeleteUser", testDeleteUser},
 		{"Uniqueness", testUniqueness},
 		{"Create", testCreate},
+		{"PatchNode", testPatchNode},
 		{"ChangeSeq", testChangeSeq},
 		{"ChangeLog", testChangeLog},
 		{"ConcurrentApply", testConcurrentApply},
@@ -528,6 +529,70 @@ func testCreate(t *testing.T, open Opener) {
 		t.Errorf("UpdateNode of a missing node: %v, want ErrNotFound", err)
 	}
 	assertState(t, s, []store.User{*User(1)}, []store.Node{*n}, nil)
+}
+
+// testPatchNode: a patch writes its part's columns and no other, so
+// writers of different parts do not undo each other's changes.
+func testPatchNode(t *testing.T, open Opener) {
+	s := openStore(t, open)
+	ctx := context.Background()
+	n := Node(1, 1)
+	n.Tags = []string{"tag:a"}
+	n.Expiry = time.Unix(1800000000, 0).UTC()
+	apply(t, s, store.Mutation{PutUser: User(1)}, store.Mutation{CreateNode: n})
+
+	// Every field of the patch's node differs from the stored one.
+	other := Node(2, 2)
+	other.ID = 1
+	other.DiscoKey = fmt.Sprintf("discokey:%064x", 2)
+	other.Hostinfo = []byte(`{"Hostname":"moved"}`)
+	other.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}
+	other.AdvertisedRoutes = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	other.ApprovedRoutes = other.AdvertisedRoutes
+	other.Tags = []string{"tag:b"}
+	other.Expiry = time.Unix(1900000000, 0).UTC()
+	other.LastSeen = time.Unix(1850000000, 0).UTC()
+	other.Online, other.Holder = true, "replica-2"
+	other.AuthKeyID, other.Ephemeral = "k2", true
+
+	expect := *n
+	seqs := map[store.NodePart]int64{}
+	for _, part := range []store.NodePart{store.NodeClient, store.NodeAdmin} {
+		seqs[part] = apply(t, s, store.Mutation{PatchNode: &store.NodePatch{Part: part, Node: *other}})
+		part.Copy(&expect, other)
+		assertState(t, s, []store.User{*User(1)}, []store.Node{expect}, nil)
+	}
+	if expect.NodeKey == other.NodeKey || expect.IPv4 == other.IPv4 || expect.Ephemeral {
+		t.Fatal("the patches wrote more than their parts")
+	}
+
+	// The change log records only what a patch wrote.
+	if cl, ok := s.(ChangeLog); ok {
+		changes, err := cl.ChangesSince(ctx, seqs[store.NodeClient]-1)
+		if err != nil || len(changes) != 2 {
+			t.Fatalf("ChangesSince = %d changes, %v; want the two patches", len(changes), err)
+		}
+		var logged store.Node
+		logged.ID = 1
+		store.NodeClient.Copy(&logged, other)
+		check(t, "logged client patch", changes[0].Mutations,
+			want([]store.Mutation{{PatchNode: &store.NodePatch{Part: store.NodeClient, Node: logged}}}))
+	}
+
+	for _, tc := range []struct {
+		name string
+		p    *store.NodePatch
+		err  error
+	}{
+		{"missing node", &store.NodePatch{Part: store.NodeClient | store.NodeAdmin, Node: *Node(3, 1)}, store.ErrNotFound},
+		{"no part", &store.NodePatch{Node: *n}, nil},
+	} {
+		_, err := s.Apply(ctx, []store.Mutation{{PatchNode: tc.p}})
+		if err == nil || tc.err != nil && !errors.Is(err, tc.err) {
+			t.Errorf("PatchNode of %s: error %v, want %v", tc.name, err, tc.err)
+		}
+	}
+	assertState(t, s, []store.User{*User(1)}, []store.Node{expect}, nil)
 }
 
 func testChangeSeq(t *testing.T, open Opener) {
