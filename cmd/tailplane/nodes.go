@@ -28,6 +28,8 @@ func printNodes(g *globals, nodes []admin.Node) error {
 			switch {
 			case n.Online && n.Connected:
 				online = "online"
+			case n.Online && n.ConnectedElsewhere:
+				online = "online (other replica)"
 			case n.Online:
 				// After a restart, within restart_grace.
 				online = "online (reconnecting)"

@@ -64,18 +64,20 @@ type Node struct {
 	IPv6     netip.Addr `json:"ipv6"`
 	Tags     []string   `json:"tags"`
 	// Online is the node's presence as its peers see it; Connected
-	// whether it has a map stream open to this server now. After a
-	// restart a node is online but not yet connected while its client
-	// reconnects (restart_grace).
-	Online           bool           `json:"online"`
-	Connected        bool           `json:"connected"`
-	Ephemeral        bool           `json:"ephemeral"`
-	LastSeen         *time.Time     `json:"last_seen,omitempty"`
-	Expiry           *time.Time     `json:"expiry,omitempty"`
-	Expired          bool           `json:"expired"`
-	AdvertisedRoutes []netip.Prefix `json:"advertised_routes"`
-	ApprovedRoutes   []netip.Prefix `json:"approved_routes"`
-	CreatedAt        time.Time      `json:"created_at"`
+	// whether it has a map stream open to this server now, and
+	// ConnectedElsewhere to another running replica sharing the
+	// database. After a restart a node is online but connected nowhere
+	// while its client reconnects (restart_grace).
+	Online             bool           `json:"online"`
+	Connected          bool           `json:"connected"`
+	ConnectedElsewhere bool           `json:"connected_elsewhere"`
+	Ephemeral          bool           `json:"ephemeral"`
+	LastSeen           *time.Time     `json:"last_seen,omitempty"`
+	Expiry             *time.Time     `json:"expiry,omitempty"`
+	Expired            bool           `json:"expired"`
+	AdvertisedRoutes   []netip.Prefix `json:"advertised_routes"`
+	ApprovedRoutes     []netip.Prefix `json:"approved_routes"`
+	CreatedAt          time.Time      `json:"created_at"`
 }
 
 // TagsRequest replaces a node's tags.

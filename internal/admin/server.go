@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
@@ -29,15 +31,24 @@ type Server struct {
 	// PolicyFile, when set, is the file the policy comes from; setting it
 	// through the API is then refused.
 	policyFile string
-	// connected reports whether a node has a map stream open.
-	connected func(id uint64) bool
-	srv       *http.Server
+	presence   Presence
+	srv        *http.Server
 }
 
-// NewServer returns an admin API over st; connected reports whether a
-// node has a map stream open.
-func NewServer(st *state.State, baseDomain, policyFile string, connected func(id uint64) bool, log *slog.Logger) *Server {
-	s := &Server{st: st, log: log, baseDomain: baseDomain, policyFile: policyFile, connected: connected}
+// Presence tells where nodes' map streams are open.
+type Presence interface {
+	// Connected reports whether node id has a map stream open to this
+	// server.
+	Connected(id uint64) bool
+	// Running returns which of ids, the owners (state.Owner) of other
+	// processes that held nodes, are replicas running now; nil without
+	// replicas.
+	Running(ctx context.Context, ids []string) (map[string]bool, error)
+}
+
+// NewServer returns an admin API over st.
+func NewServer(st *state.State, baseDomain, policyFile string, presence Presence, log *slog.Logger) *Server {
+	s := &Server{st: st, log: log, baseDomain: baseDomain, policyFile: policyFile, presence: presence}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/users", s.listUsers)
 	mux.HandleFunc("POST /v1/users", s.createUser)
@@ -256,9 +267,33 @@ func (s *Server) expireKey(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (s *Server) apiNode(n *state.Node, now time.Time) Node {
+// elsewhere returns, of the nodes ns, the holders that are other running
+// replicas: there, not here, the nodes' streams are open. Failing to ask
+// is logged, and shows them as reconnecting.
+func (s *Server) elsewhere(ctx context.Context, ns ...*state.Node) map[string]bool {
+	held := map[string]bool{}
+	for _, n := range ns {
+		if n.Online && n.Holder != "" && n.Holder != s.st.Owner() && !s.presence.Connected(n.ID) {
+			held[n.Holder] = true
+		}
+	}
+	if len(held) == 0 {
+		return nil
+	}
+	running, err := s.presence.Running(ctx, slices.Collect(maps.Keys(held)))
+	if err != nil {
+		s.log.Warn("could not ask which replicas are running; their nodes show as reconnecting", "err", err)
+	}
+	return running
+}
+
+// apiNode shows n; elsewhere holds the running replicas that hold nodes
+// (see Server.elsewhere).
+func (s *Server) apiNode(n *state.Node, now time.Time, elsewhere map[string]bool) Node {
+	connected := s.presence.Connected(n.ID)
 	out := Node{ID: n.ID, Name: n.GivenName, FQDN: n.GivenName + "." + s.baseDomain, Hostname: n.Hostname,
-		IPv4: n.IPv4, IPv6: n.IPv6, Tags: n.Tags, Online: n.Online, Connected: s.connected(n.ID), Ephemeral: n.Ephemeral,
+		IPv4: n.IPv4, IPv6: n.IPv6, Tags: n.Tags, Online: n.Online, Connected: connected,
+		ConnectedElsewhere: n.Online && !connected && elsewhere[n.Holder], Ephemeral: n.Ephemeral,
 		Expired: n.Expired(now), AdvertisedRoutes: n.AdvertisedRoutes, ApprovedRoutes: n.ApprovedRoutes,
 		CreatedAt: n.CreatedAt}
 	if u := s.st.User(n.UserID); u != nil {
@@ -287,8 +322,10 @@ func (s *Server) apiNode(n *state.Node, now time.Time) Node {
 func (s *Server) listNodes(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
 	out := []Node{}
-	for _, n := range s.st.Nodes() {
-		out = append(out, s.apiNode(n, now))
+	ns := s.st.Nodes()
+	elsewhere := s.elsewhere(r.Context(), ns...)
+	for _, n := range ns {
+		out = append(out, s.apiNode(n, now, elsewhere))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -317,7 +354,7 @@ func (s *Server) nodeUpdate(w http.ResponseWriter, r *http.Request, fn func(ctx 
 		writeErr(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, s.apiNode(n, time.Now()))
+	writeJSON(w, http.StatusOK, s.apiNode(n, time.Now(), s.elsewhere(r.Context(), n)))
 }
 
 func (s *Server) expireNode(w http.ResponseWriter, r *http.Request) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -59,6 +60,38 @@ func TestReplicas(t *testing.T) {
 	if n1.ip4 == n2.ip4 {
 		t.Fatalf("both replicas gave %v", n1.ip4)
 	}
+
+	t.Run("presence", func(t *testing.T) {
+		// Each replica lists its own client as connected to it, and the
+		// other's as connected to another replica, not reconnecting.
+		for _, c := range []struct {
+			srv         *server
+			own, others *member
+		}{{a, n1, n2}, {b, n2, n1}} {
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			err := realclient.Eventually(ctx, 100*time.Millisecond, func() error {
+				ns, err := c.srv.listNodes(ctx)
+				if err != nil {
+					return err
+				}
+				own, ok1 := nodeByIP(ns, c.own.ip4)
+				other, ok2 := nodeByIP(ns, c.others.ip4)
+				if !ok1 || !ok2 || !own.Online || !own.Connected || own.ConnectedElsewhere ||
+					!other.Online || other.Connected || !other.ConnectedElsewhere {
+					return fmt.Errorf("lists %v; want its own client connected here and the other's elsewhere", ns)
+				}
+				return nil
+			})
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := string(c.srv.mustCLI(t, "nodes", "list"))
+			if !strings.Contains(out, "online (other replica)") {
+				t.Errorf("nodes list shows no client on the other replica:\n%s", out)
+			}
+		}
+	})
 
 	t.Run("tcp", func(t *testing.T) {
 		for _, m := range []*member{n1, n2} {

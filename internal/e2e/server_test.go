@@ -294,7 +294,8 @@ func (s *server) createKey(t *testing.T, user string, flags ...string) authKey {
 type node struct{ admin.Node }
 
 func (n node) String() string {
-	return fmt.Sprintf("#%d %s (host %s, %v %v, online=%v, connected=%v)", n.ID, n.Name, n.Hostname, n.IPv4, n.IPv6, n.Online, n.Connected)
+	return fmt.Sprintf("#%d %s (host %s, %v %v, online=%v, connected=%v, elsewhere=%v)",
+		n.ID, n.Name, n.Hostname, n.IPv4, n.IPv6, n.Online, n.Connected, n.ConnectedElsewhere)
 }
 
 // listNodes runs `nodes list --output json`.

@@ -124,6 +124,32 @@ type replicaWatcher interface {
 	Gone(ctx context.Context, ids []string) ([]string, error)
 }
 
+// presence tells the admin API where nodes' map streams are open: on this
+// server (the engine's sessions), or on another running replica.
+type presence struct {
+	*netmap.Engine
+	w replicaWatcher // nil without replicas
+}
+
+// Running implements admin.Presence.
+func (p presence) Running(ctx context.Context, ids []string) (map[string]bool, error) {
+	if p.w == nil {
+		return nil, nil
+	}
+	gone, err := p.w.Gone(ctx, ids)
+	if err != nil {
+		return nil, err
+	}
+	running := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		running[id] = true
+	}
+	for _, g := range gone {
+		delete(running, g)
+	}
+	return running, nil
+}
+
 // watchReplicasEvery is how often a replica looks for others that stopped
 // without marking their nodes offline; one is taken for gone after two
 // looks, 15-30 s after it stopped.
@@ -360,7 +386,11 @@ func Run(parent context.Context, cfg config.Config) error {
 		errc <- srv.Serve(ln)
 	}()
 
-	adm := admin.NewServer(st, cfg.DNS.BaseDomain, policyFileOf(cfg), eng.Connected, log)
+	pres := presence{Engine: eng}
+	if w, ok := db.(replicaWatcher); ok && fellBehind != nil {
+		pres.w = w
+	}
+	adm := admin.NewServer(st, cfg.DNS.BaseDomain, policyFileOf(cfg), pres, log)
 	go func() { errc <- adm.Serve(adminLn) }()
 
 	if cfg.MetricsListen != "" {
@@ -379,8 +409,8 @@ func Run(parent context.Context, cfg config.Config) error {
 	}
 	if fellBehind != nil {
 		go func() { errc <- <-fellBehind }()
-		if w, ok := db.(replicaWatcher); ok {
-			go watchReplicas(ctx, w, st, ctl.AdoptOrphans, watchReplicasEvery, log)
+		if pres.w != nil {
+			go watchReplicas(ctx, pres.w, st, ctl.AdoptOrphans, watchReplicasEvery, log)
 		}
 	}
 
