@@ -170,12 +170,13 @@ func TestReplicas(t *testing.T) {
 
 	// Last: it ends b.
 	t.Run("crashed-replica", func(t *testing.T) {
-		// b dies without marking its nodes offline; a finds it gone
-		// (two checks 15 s apart), gives its clients the restart grace
-		// to reconnect, then marks them offline, which a's clients see.
+		// b dies without marking its nodes offline; a, leading the
+		// replicas' jobs (within 5 s if b led), finds it gone (two
+		// checks 15 s apart), gives its clients the restart grace to
+		// reconnect, then marks them offline, which a's clients see.
 		b.Kill(t)
 		start := time.Now()
-		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+		ctx, cancel := context.WithTimeout(t.Context(), 75*time.Second)
 		defer cancel()
 		_, err := n1.WaitStatus(ctx, func(st *ipnstate.Status) error {
 			for _, p := range st.Peer {

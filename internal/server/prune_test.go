@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,8 +13,9 @@ import (
 	"github.com/tailplane/tailplane/internal/store/sqlite"
 )
 
-// TestPruneChanges: the pruning job deletes change-log entries older than
-// it keeps, and only those.
+// TestPruneChanges: the pruning job of the leading replica deletes
+// change-log entries older than it keeps, and only those; a replica that
+// does not lead prunes nothing.
 func TestPruneChanges(t *testing.T) {
 	db, err := sqlite.Open(filepath.Join(t.TempDir(), "tp.db"))
 	if err != nil {
@@ -30,7 +32,14 @@ func TestPruneChanges(t *testing.T) {
 		}
 		seqs = append(seqs, seq)
 	}
-	go pruneChanges(ctx, db, 5*time.Millisecond, 0, slog.Default())
+	var leading atomic.Bool
+	go pruneChanges(ctx, db, leading.Load, 5*time.Millisecond, 0, slog.Default())
+	// Another replica leads: this one prunes nothing.
+	time.Sleep(50 * time.Millisecond)
+	if changes, err := db.ChangesSince(ctx, 0); err != nil || len(changes) != 3 {
+		t.Fatalf("while another replica leads, ChangesSince(0) = %d entries, %v; want all 3", len(changes), err)
+	}
+	leading.Store(true)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		_, err := db.ChangesSince(ctx, 0)

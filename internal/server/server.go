@@ -159,9 +159,25 @@ const watchReplicasEvery = 15 * time.Second
 // (control.Server.AdoptOrphans), every every, until ctx ends. A replica
 // counts as gone when two checks in a row find it so: one whose
 // notification connection is being re-established is gone for a moment.
-func watchReplicas(ctx context.Context, w replicaWatcher, st *state.State, adopt func(map[string]bool) int, every time.Duration, log *slog.Logger) {
+//
+// Only the replica that leads (see leader) adopts; the others only watch
+// for their turn.
+func watchReplicas(ctx context.Context, w replicaWatcher, lead func() bool, st *state.State, adopt func(map[string]bool) int, every time.Duration, log *slog.Logger) {
 	var suspects map[string]bool // gone at the last check
+	led := false
 	repeat(ctx, every, func() {
+		if leading := lead(); leading != led {
+			led = leading
+			if led {
+				log.Info("this replica now runs the jobs one replica runs for all: pruning the change log, taking over the nodes of crashed replicas")
+			} else {
+				log.Info("another replica now runs the jobs one replica runs for all")
+			}
+		}
+		if !led {
+			suspects = nil
+			return
+		}
 		held := map[string]bool{}
 		for _, n := range st.Nodes() {
 			if n.Online && n.Holder != "" && n.Holder != st.Owner() {
@@ -220,15 +236,33 @@ const (
 	pruneEvery    = 10 * time.Minute
 )
 
+// leader is a store shared by replicas that picks one of them to run the
+// jobs one replica runs for all (postgres.Store.Leading).
+type leader interface {
+	Leading() bool
+}
+
+// leads returns whether this process runs the jobs one replica runs for
+// all now: always, on a store that replicas do not share.
+func leads(db store.Store) func() bool {
+	if l, ok := db.(leader); ok {
+		return l.Leading
+	}
+	return func() bool { return true }
+}
+
 // changePruner is a store whose change log can be pruned.
 type changePruner interface {
 	PruneChanges(ctx context.Context, before time.Time) (int64, error)
 }
 
-// pruneChanges deletes change-log entries older than keep, every every,
-// until ctx ends.
-func pruneChanges(ctx context.Context, p changePruner, every, keep time.Duration, log *slog.Logger) {
+// pruneChanges deletes change-log entries older than keep, every every
+// while lead says this process leads, until ctx ends.
+func pruneChanges(ctx context.Context, p changePruner, lead func() bool, every, keep time.Duration, log *slog.Logger) {
 	repeat(ctx, every, func() {
+		if !lead() {
+			return
+		}
 		start := time.Now()
 		n, err := p.PruneChanges(ctx, start.Add(-keep))
 		switch {
@@ -405,12 +439,12 @@ func Run(parent context.Context, cfg config.Config) error {
 		go watchPolicyFile(ctx, st, cfg.Policy.File, log)
 	}
 	if p, ok := db.(changePruner); ok {
-		go pruneChanges(ctx, p, pruneEvery, changeLogKeep, log)
+		go pruneChanges(ctx, p, leads(db), pruneEvery, changeLogKeep, log)
 	}
 	if fellBehind != nil {
 		go func() { errc <- <-fellBehind }()
 		if pres.w != nil {
-			go watchReplicas(ctx, pres.w, st, ctl.AdoptOrphans, watchReplicasEvery, log)
+			go watchReplicas(ctx, pres.w, leads(db), st, ctl.AdoptOrphans, watchReplicasEvery, log)
 		}
 	}
 

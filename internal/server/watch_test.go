@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,8 +41,9 @@ func (f *fakeWatcher) Gone(_ context.Context, ids []string) ([]string, error) {
 	return gone, nil
 }
 
-// TestWatchReplicas: the watch asks about the holders of online nodes and
-// hands those gone at two checks in a row to adopt.
+// TestWatchReplicas: the watch of the leading replica asks about the
+// holders of online nodes and hands those gone at two checks in a row to
+// adopt; a replica that does not lead does nothing.
 func TestWatchReplicas(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -72,7 +74,8 @@ func TestWatchReplicas(t *testing.T) {
 	w := &fakeWatcher{}
 	adopted := make(chan map[string]bool, 1)
 	calls := make(chan int, 1)
-	go watchReplicas(ctx, w, st, func(gone map[string]bool) int {
+	var leading atomic.Bool
+	go watchReplicas(ctx, w, leading.Load, st, func(gone map[string]bool) int {
 		w.mu.Lock()
 		n := w.calls
 		w.mu.Unlock()
@@ -83,6 +86,14 @@ func TestWatchReplicas(t *testing.T) {
 		}
 		return 1
 	}, 5*time.Millisecond, slog.Default())
+	// Another replica leads: this one only waits for its turn.
+	time.Sleep(50 * time.Millisecond)
+	w.mu.Lock()
+	if w.calls != 0 {
+		t.Errorf("a replica that does not lead checked %d times", w.calls)
+	}
+	w.mu.Unlock()
+	leading.Store(true)
 	select {
 	case gone := <-adopted:
 		if len(gone) != 1 || !gone["crashed"] {

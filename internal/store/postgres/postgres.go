@@ -39,13 +39,32 @@ const migrateLock = 0x7461696c706c616e // "tailplan"
 // go of the lock when the connection ends.
 const replicaAlive = "hashtext('tailplane_replica.' || current_schema() || '.' || $1)"
 
+// jobsLock is the advisory lock (one per schema) that the replica running
+// the singleton jobs (Leading) holds exclusive on its notification
+// connection. PostgreSQL lets go of it when the connection ends, and
+// another replica's Listen takes it within LeadRetry.
+const jobsLock = "hashtext('tailplane_jobs.' || current_schema())"
+
+// LeadRetry is how often a listening replica that does not run the
+// singleton jobs tries to take them over.
+var LeadRetry = 5 * time.Second
+
 // Store is a store.Store on a PostgreSQL database. Its tables live in the
 // first schema of the connection's search_path.
 type Store struct {
 	pool *pgxpool.Pool
 	// replica is this process's replica id (SetReplica), locked by Listen.
 	replica atomic.Pointer[string]
+	// leading: Listen's connection holds jobsLock.
+	leading atomic.Bool
 }
+
+// Leading reports whether this process runs the jobs that one replica
+// runs for all (pruning the change log, taking over a crashed replica's
+// nodes): its notification connection (Listen) holds the jobs lock. At
+// most one process of a schema leads at a time, and none while no
+// connection to PostgreSQL is up.
+func (s *Store) Leading() bool { return s.leading.Load() }
 
 // SetReplica names this process among the replicas; Listen then holds
 // the id's lock, so that Gone reports it running. Call it before Listen.
@@ -269,8 +288,24 @@ func (s *Store) Listen(ctx context.Context, fn func(seq int64)) error {
 		return listenErr(ctx, err)
 	}
 	fn(newest)
+	defer s.leading.Store(false) // the lock goes with the connection
 	for {
-		n, err := c.WaitForNotification(ctx)
+		if !s.leading.Load() {
+			var got bool
+			if err := c.QueryRow(ctx, "SELECT pg_try_advisory_lock("+jobsLock+")").Scan(&got); err != nil {
+				return listenErr(ctx, err)
+			}
+			s.leading.Store(got)
+		}
+		wait, cancel := ctx, context.CancelFunc(func() {})
+		if !s.leading.Load() {
+			wait, cancel = context.WithTimeout(ctx, LeadRetry)
+		}
+		n, err := c.WaitForNotification(wait)
+		cancel()
+		if err != nil && ctx.Err() == nil && wait.Err() != nil {
+			continue // time to try the jobs lock again; the connection stays usable
+		}
 		if err != nil {
 			return listenErr(ctx, err)
 		}

@@ -195,3 +195,84 @@ func openOther(t *testing.T) *Store {
 	}
 	return s
 }
+
+// TestLeading: of the replicas listening on one schema exactly one leads;
+// when it stops, another takes over, and waiting for the jobs lock does
+// not cost the others their notifications. Another schema has its own.
+func TestLeading(t *testing.T) {
+	defer func(d time.Duration) { LeadRetry = d }(LeadRetry)
+	LeadRetry = 50 * time.Millisecond
+	ctx := context.Background()
+	type replica struct {
+		s    *Store
+		seqs chan int64
+		stop context.CancelFunc
+		done chan error
+	}
+	listen := func(s *Store) *replica {
+		r := &replica{s: s, seqs: make(chan int64, 100), done: make(chan error, 1)}
+		var lctx context.Context
+		lctx, r.stop = context.WithCancel(ctx)
+		go func() { r.done <- s.Listen(lctx, func(seq int64) { r.seqs <- seq }) }()
+		<-r.seqs
+		t.Cleanup(func() { r.stop(); <-r.done; s.Close() })
+		return r
+	}
+	leaders := func(rs ...*replica) (n int, leader *replica) {
+		for _, r := range rs {
+			if r.s.Leading() {
+				n, leader = n+1, r
+			}
+		}
+		return n, leader
+	}
+	eventuallyOneLeads := func(rs ...*replica) *replica {
+		t.Helper()
+		for end := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			n, leader := leaders(rs...)
+			if n == 1 {
+				return leader
+			}
+			if n > 1 || time.Now().After(end) {
+				t.Fatalf("%d replicas lead, want one", n)
+			}
+		}
+	}
+
+	a, b := listen(openTest(t).(*Store)), listen(openTest(t).(*Store))
+	leader := eventuallyOneLeads(a, b)
+	other := a
+	if leader == a {
+		other = b
+	}
+	time.Sleep(5 * LeadRetry) // the other tries, and fails, several times
+	if n, _ := leaders(a, b); n != 1 {
+		t.Fatalf("%d replicas lead after the other's retries, want one", n)
+	}
+	seq, err := leader.s.Apply(ctx, []store.Mutation{{PutUser: storetest.User(1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for timeout, got := time.After(5*time.Second), int64(-1); got != seq; {
+		select {
+		case got = <-other.seqs:
+		case <-timeout:
+			t.Fatalf("the replica waiting to lead got no notification for seq %d", seq)
+		}
+	}
+	if o := listen(openOther(t)); eventuallyOneLeads(o) != o {
+		t.Error("another schema's replica does not lead its own")
+	}
+
+	leader.stop()
+	if err := <-leader.done; err != nil {
+		t.Fatal(err)
+	}
+	leader.done <- nil // for the cleanup
+	if leader.s.Leading() {
+		t.Error("a replica that stopped listening still leads")
+	}
+	if eventuallyOneLeads(a, b) != other {
+		t.Error("the other replica did not take over")
+	}
+}
