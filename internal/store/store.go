@@ -35,37 +35,38 @@ type User struct {
 	CreatedAt   time.Time
 }
 
-// Node is a registered machine.
+// Node is a registered machine. The change log holds it as JSON without
+// its zero fields, so that a patch (NodePatch) records only its part.
 type Node struct {
-	ID         uint64
-	MachineKey string // key.MachinePublic text form ("mkey:...")
-	NodeKey    string // key.NodePublic text form ("nodekey:...")
-	DiscoKey   string // key.DiscoPublic text form; may be empty
-	UserID     uint64 // owner; for tagged nodes the user that registered it
-	Tags       []string
-	Hostname   string // as reported by the client
-	GivenName  string // unique DNS label within the tailnet
-	IPv4       netip.Addr
-	IPv6       netip.Addr
-	Hostinfo   []byte // tailcfg.Hostinfo as JSON; may be nil
-	Endpoints  []netip.AddrPort
-	AuthKeyID  string // pre-auth key used to register; may be empty
-	Ephemeral  bool
-	Expiry     time.Time // zero: never expires
+	ID         uint64           `json:",omitzero"`
+	MachineKey string           `json:",omitzero"` // key.MachinePublic text form ("mkey:...")
+	NodeKey    string           `json:",omitzero"` // key.NodePublic text form ("nodekey:...")
+	DiscoKey   string           `json:",omitzero"` // key.DiscoPublic text form; may be empty
+	UserID     uint64           `json:",omitzero"` // owner; for tagged nodes the user that registered it
+	Tags       []string         `json:",omitzero"`
+	Hostname   string           `json:",omitzero"` // as reported by the client
+	GivenName  string           `json:",omitzero"` // unique DNS label within the tailnet
+	IPv4       netip.Addr       `json:",omitzero"`
+	IPv6       netip.Addr       `json:",omitzero"`
+	Hostinfo   []byte           `json:",omitzero"` // tailcfg.Hostinfo as JSON; may be nil
+	Endpoints  []netip.AddrPort `json:",omitzero"`
+	AuthKeyID  string           `json:",omitzero"` // pre-auth key used to register; may be empty
+	Ephemeral  bool             `json:",omitzero"`
+	Expiry     time.Time        `json:",omitzero"` // zero: never expires
 	// AdvertisedRoutes are what the client asks for; ApprovedRoutes what an
 	// admin or autoApprovers allowed.
-	AdvertisedRoutes []netip.Prefix
-	ApprovedRoutes   []netip.Prefix
-	CreatedAt        time.Time
-	LastSeen         time.Time
+	AdvertisedRoutes []netip.Prefix `json:",omitzero"`
+	ApprovedRoutes   []netip.Prefix `json:",omitzero"`
+	CreatedAt        time.Time      `json:",omitzero"`
+	LastSeen         time.Time      `json:",omitzero"`
 	// Online is whether the node had an open map stream when last
 	// recorded. After a restart it is presumed still true for a while:
 	// the clients of a restarted server are reconnecting, not gone.
-	Online bool
+	Online bool `json:",omitzero"`
 	// Holder names the replica (its state's owner id) whose map stream
 	// the node has while Online; empty when offline or not known. Other
 	// replicas take over the presence of a crashed holder's nodes.
-	Holder string
+	Holder string `json:",omitzero"`
 }
 
 // NodePart names a set of a node's fields that one kind of writer owns.

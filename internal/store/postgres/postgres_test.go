@@ -43,6 +43,10 @@ func BenchmarkApplyBatch(b *testing.B) {
 	storetest.BenchmarkApplyBatch(b, openTest)
 }
 
+func BenchmarkApplyPresence(b *testing.B) {
+	storetest.BenchmarkApplyPresence(b, openTest)
+}
+
 func TestMigrations(t *testing.T) {
 	dsn := schemaDSN(t)
 	ctx := context.Background()

@@ -44,6 +44,10 @@ func BenchmarkApplyBatch(b *testing.B) {
 	storetest.BenchmarkApplyBatch(b, openTest)
 }
 
+func BenchmarkApplyPresence(b *testing.B) {
+	storetest.BenchmarkApplyPresence(b, openTest)
+}
+
 func TestOpenCreatesPrivateFiles(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "a", "b")
 	path := filepath.Join(dir, "db")
