@@ -69,6 +69,18 @@ func newNodesCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "nodes", Short: "Manage nodes (list, delete, expire, rename, tag)"}
 	list := &cobra.Command{
 		Use: "list", Short: "List nodes", Args: cobra.NoArgs,
+		Long: `List nodes.
+
+ONLINE is the presence the node's peers see:
+  online                  its client has a map stream open to this server
+  online (other replica)  ... to another running replica sharing the database
+  online (reconnecting)   it was online before this server (or the replica
+                          holding it) stopped, and its client has not come
+                          back yet; after restart_grace it goes offline
+  offline                 no stream; LAST SEEN says since when
+
+With --output json, "connected" and "connected_elsewhere" tell the first two
+apart.`,
 		RunE: func(_ *cobra.Command, _ []string) error {
 			return adminCall(g, func(ctx context.Context, c *admin.Client) error {
 				nodes, err := c.Nodes(ctx)
