@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -19,14 +20,15 @@ import (
 // replicas with meshed DERP relays: real clients joined to different
 // replicas see and reach each other, directly and through the relays, and
 // what an admin does on one replica (users, keys, deleting a node) takes
-// effect on the other.
+// effect on the other; when the leading replica crashes, the other takes
+// over its jobs and its nodes.
 func TestReplicas(t *testing.T) {
 	t.Parallel()
 	dsn := pgtest.SchemaDSN(t)
-	// a's short restart grace is the time it gives a crashed replica's
+	// b's short restart grace is the time it gives a crashed replica's
 	// clients to reconnect (crashed-replica).
-	a := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn, "--restart-grace", "1s")
-	b := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
+	a := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn)
+	b := newServer(t, "--db-type", "postgres", "--postgres-dsn", dsn, "--restart-grace", "1s")
 	a.extra = append(a.extra, "--derp-mesh-with", b.URL()+"/derp")
 	b.extra = append(b.extra, "--derp-mesh-with", a.URL()+"/derp")
 	a.Start(t)
@@ -168,19 +170,34 @@ func TestReplicas(t *testing.T) {
 		}
 	})
 
-	// Last: it ends b.
+	// Last: it ends a.
 	t.Run("crashed-replica", func(t *testing.T) {
-		// b dies without marking its nodes offline; a, leading the
-		// replicas' jobs (within 5 s if b led), finds it gone (two
-		// checks 15 s apart), gives its clients the restart grace to
-		// reconnect, then marks them offline, which a's clients see.
-		b.Kill(t)
-		start := time.Now()
-		ctx, cancel := context.WithTimeout(t.Context(), 75*time.Second)
+		// a, started first, leads the replicas' jobs. It dies without
+		// marking its nodes offline; b takes the lead (within 5 s), finds
+		// a gone (two checks 15 s apart), gives its clients the restart
+		// grace to reconnect, then marks them offline, which b's clients
+		// see.
+		const leads = "this replica now runs the jobs one replica runs for all"
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 		defer cancel()
-		_, err := n1.WaitStatus(ctx, func(st *ipnstate.Status) error {
+		if err := realclient.Eventually(ctx, 200*time.Millisecond, func() error {
+			if !strings.Contains(a.logTail(1000), leads) {
+				return errors.New("a has not logged that it leads")
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(b.logTail(1000), leads) {
+			t.Fatal("both replicas logged that they lead")
+		}
+		a.Kill(t)
+		start := time.Now()
+		ctx, cancel = context.WithTimeout(t.Context(), 75*time.Second)
+		defer cancel()
+		_, err := n2.WaitStatus(ctx, func(st *ipnstate.Status) error {
 			for _, p := range st.Peer {
-				if !slices.Contains(p.TailscaleIPs, n2.ip4) {
+				if !slices.Contains(p.TailscaleIPs, n1.ip4) {
 					continue
 				}
 				if p.Online {
@@ -188,14 +205,17 @@ func TestReplicas(t *testing.T) {
 				}
 				return nil
 			}
-			return fmt.Errorf("no peer %v; peers: %s", n2.ip4, realclient.DescribePeers(st))
+			return fmt.Errorf("no peer %v; peers: %s", n1.ip4, realclient.DescribePeers(st))
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("a client of a saw the crashed replica's client go offline %v after the crash", time.Since(start).Round(time.Millisecond))
-		if n, ok := nodeByIP(a.mustListNodes(t), n2.ip4); !ok || n.Online {
-			t.Errorf("a lists the crashed replica's client as %v, want it offline", n)
+		t.Logf("a client of b saw the crashed leader's client go offline %v after the crash", time.Since(start).Round(time.Millisecond))
+		if !strings.Contains(b.logTail(1000), leads) {
+			t.Error("b did not log that it took the lead")
+		}
+		if n, ok := nodeByIP(b.mustListNodes(t), n1.ip4); !ok || n.Online {
+			t.Errorf("b lists the crashed replica's client as %v, want it offline", n)
 		}
 	})
 }
