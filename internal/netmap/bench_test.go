@@ -207,6 +207,7 @@ func (e *Engine) attachQuiet(s *session.Session) {
 	ss := e.quietSessState(s.NodeID)
 	ss.s = s
 	e.sessions[s.NodeID] = sessEntry{ss: ss}
+	e.connected.Store(s.NodeID, struct{}{})
 }
 
 func (f *benchFixture) register(ctx context.Context, hostname string, n benchNode) (*state.Node, error) {

@@ -74,8 +74,13 @@ type Engine struct {
 	enc      map[*state.Node]*peerEnc
 	classEnc map[int]*classEnc
 	sessions map[uint64]sessEntry
-	dnsJSON  json.RawMessage
-	derpJSON json.RawMessage
+	// connected holds the keys of sessions (node id -> struct{}), kept
+	// with it under mu but read without it (Connected): callers ask per
+	// node, some of them for every change another replica makes, and
+	// must not wait for a batch holding mu.
+	connected sync.Map
+	dnsJSON   json.RawMessage
+	derpJSON  json.RawMessage
 	// batchDone is closed (and replaced) after every batch.
 	batchDone chan struct{}
 	batchNo   uint64
@@ -419,6 +424,7 @@ func (e *Engine) process(dirty map[uint64]struct{}, policyChanged, usersChanged 
 			if ent, ok := e.sessions[id]; ok {
 				ent.ss.s.Close()
 				delete(e.sessions, id)
+				e.connected.Delete(id)
 			}
 			b.removed = append(b.removed, id)
 			b.full = b.full || hasRoutes(prev)
@@ -954,6 +960,7 @@ func (e *Engine) Attach(s *session.Session) bool {
 	}
 	ss := &sessState{s: s}
 	e.sessions[s.NodeID] = sessEntry{ss: ss}
+	e.connected.Store(s.NodeID, struct{}{})
 	s.ExpectFull()
 	parts := e.fullPartsLocked(ss, n)
 	metrics.Sessions.Set(float64(len(e.sessions)))
@@ -972,15 +979,15 @@ func (e *Engine) Detach(s *session.Session) bool {
 		return false
 	}
 	delete(e.sessions, s.NodeID)
+	e.connected.Delete(s.NodeID)
 	metrics.Sessions.Set(float64(len(e.sessions)))
 	return true
 }
 
-// Connected reports whether the node has an open map stream.
+// Connected reports whether the node has an open map stream. It does not
+// wait for the engine's lock.
 func (e *Engine) Connected(nodeID uint64) bool {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	_, ok := e.sessions[nodeID]
+	_, ok := e.connected.Load(nodeID)
 	return ok
 }
 

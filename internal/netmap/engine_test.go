@@ -931,3 +931,28 @@ func (h heldPeers) check(t *testing.T, what string, c *policy.Compiled, id uint6
 		}
 	}
 }
+
+// TestConnectedDoesNotWaitForBatches: whether a node has a session is
+// answered while a batch holds the engine's lock (the control server asks
+// for every node another replica changes, on the follower's goroutine),
+// and follows Attach and Detach.
+func TestConnectedDoesNotWaitForBatches(t *testing.T) {
+	f := newBenchFixture(t, smallTailnet(scopedPolicy, 3, 6, func(int) bool { return false }, ""))
+	f.drainAll()
+	real, quiet := f.ids[0], f.ids[5] // attached with Attach, and as benchmarks do
+	f.e.mu.Lock()
+	got := make(chan bool, 2)
+	go func() { got <- f.e.Connected(real) && f.e.Connected(quiet) }()
+	select {
+	case c := <-got:
+		if !c {
+			t.Error("attached nodes are not connected")
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("Connected waited for the engine's lock")
+	}
+	f.e.mu.Unlock()
+	if !f.e.Detach(f.sessions[real]) || f.e.Connected(real) {
+		t.Error("a detached node is still connected")
+	}
+}
