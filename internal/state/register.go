@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -345,7 +344,9 @@ func (s *State) applyHostinfoLocked(n *Node, hi *tailcfg.Hostinfo) {
 // tailnet, adding -2, -3, ... on collision.
 //
 // Replicas registering nodes of one hostname at once take the same next
-// suffix; a retry after such a clash (spread) starts at a random one.
+// suffix; a retry after such a clash (spread) starts at the node's id,
+// which no other replica gives out, so that their retries do not clash
+// again.
 func (s *State) uniqueNameLocked(hostname string, id uint64, spread bool) string {
 	base := dnsLabel(hostname)
 	if base == "" {
@@ -353,7 +354,7 @@ func (s *State) uniqueNameLocked(hostname string, id uint64, spread bool) string
 	}
 	name, first := base, 2
 	if spread {
-		first = 2 + rand.IntN(1<<20)
+		first = max(2, int(id))
 	}
 	for i := first; ; i++ {
 		if owner, taken := s.givenNames[name]; !taken || owner == id {

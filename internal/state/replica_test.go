@@ -522,3 +522,26 @@ func TestEditsOfOneNodeOnTwoReplicasMerge(t *testing.T) {
 		}
 	}
 }
+
+// TestNameClashRetriesAtTheNodesID: two replicas naming nodes of one
+// hostname at once give both the same next name; the one that loses the
+// clash retries from its node's id, which no other replica gives out.
+func TestNameClashRetriesAtTheNodesID(t *testing.T) {
+	ctx := context.Background()
+	a, b, _ := aliceOnTwo(t) // alice's first node is "box" on both
+	k := mustKey(t, a, KeyParams{User: "alice", Reusable: true})
+	catchUp(t, b)
+	first, err := a.Register(ctx, params(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// b has not followed a's registration of box-2.
+	second, err := b.Register(ctx, params(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("box-%d", second.Node.ID)
+	if first.Node.GivenName != "box-2" || second.Node.GivenName != want {
+		t.Errorf("names %q and %q, want box-2 and, after the clash, %q", first.Node.GivenName, second.Node.GivenName, want)
+	}
+}
