@@ -199,8 +199,9 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 		// later write, which stands. Every row is asked about, so that
 		// the pending ones record what they hid.
 		var buf [3]row // a node's rows, the most one mutation writes
-		apply, hidden := buf[:0], 0
+		apply, hidden, rows := buf[:0], 0, 0
 		eachRow(m, func(r row) {
+			rows++
 			switch {
 			case only != nil && !only(r):
 			case s.commit.own.newer(r, ch.Seq):
@@ -209,6 +210,13 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 				apply = append(apply, r)
 			}
 		})
+		if rows == 0 {
+			// Its kind was added after this version: the JSON decoder
+			// left every field empty.
+			s.log.Error("another replica wrote a change of a kind this version does not know; it is not applied: run one tailplane version on all replicas",
+				"change", ch.Seq)
+			continue
+		}
 		if len(apply) == 0 || m.DeleteNode != 0 && hidden > 0 {
 			// A node is deleted whole or not at all: a write of this
 			// process hiding the deletion fails, and the deletion is
