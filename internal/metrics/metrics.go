@@ -70,6 +70,11 @@ var (
 		Name: "tailplane_session_queue_depth", Help: "Updates queued for a session when its writer woke.",
 		Buckets: []float64{1, 2, 4, 8, 16},
 	})
+	// JobsLeader is 1 while this process runs the jobs one replica runs
+	// for all; a server without replicas always does.
+	JobsLeader = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "tailplane_jobs_leader", Help: "1 while this replica runs the jobs one replica runs for all (change-log pruning, taking over crashed replicas' nodes).",
+	})
 )
 
 func init() {
@@ -77,6 +82,6 @@ func init() {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		Registrations, RegisterSeconds, Sessions, MapMessages, MapBytes,
-		CommitBatch, CommitSeconds, ChangeBatch, CompileSeconds, DeltaSeconds, QueueMerges, QueueDepth,
+		CommitBatch, CommitSeconds, ChangeBatch, CompileSeconds, DeltaSeconds, QueueMerges, QueueDepth, JobsLeader,
 	)
 }

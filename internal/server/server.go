@@ -169,8 +169,10 @@ func watchReplicas(ctx context.Context, w replicaWatcher, lead func() bool, st *
 		if leading := lead(); leading != led {
 			led = leading
 			if led {
+				metrics.JobsLeader.Set(1)
 				log.Info("this replica now runs the jobs one replica runs for all: pruning the change log, taking over the nodes of crashed replicas")
 			} else {
+				metrics.JobsLeader.Set(0)
 				log.Info("another replica now runs the jobs one replica runs for all")
 			}
 		}
@@ -446,6 +448,9 @@ func Run(parent context.Context, cfg config.Config) error {
 		if pres.w != nil {
 			go watchReplicas(ctx, pres.w, leads(db), st, ctl.AdoptOrphans, watchReplicasEvery, log)
 		}
+	}
+	if pres.w == nil {
+		metrics.JobsLeader.Set(1) // no other replica to lead
 	}
 
 	stunInfo := "off"

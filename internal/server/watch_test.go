@@ -12,8 +12,10 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"tailscale.com/types/key"
 
+	"github.com/tailplane/tailplane/internal/metrics"
 	"github.com/tailplane/tailplane/internal/state"
 	"github.com/tailplane/tailplane/internal/store"
 	"github.com/tailplane/tailplane/internal/store/sqlite"
@@ -105,9 +107,28 @@ func TestWatchReplicas(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("nothing adopted in 5 s")
 	}
+	if got := jobsLeader(t); got != 1 {
+		t.Errorf("tailplane_jobs_leader = %v while leading, want 1", got)
+	}
+	leading.Store(false)
+	for end := time.Now().Add(5 * time.Second); jobsLeader(t) != 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("tailplane_jobs_leader still 1 after the lead went to another replica")
+		}
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if !slices.Equal(w.asked, []string{"blip", "crashed", "running"}) {
 		t.Errorf("asked about %v, want the holders of online nodes: [blip crashed running]", w.asked)
 	}
+}
+
+// jobsLeader reads the tailplane_jobs_leader gauge.
+func jobsLeader(t *testing.T) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := metrics.JobsLeader.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetGauge().GetValue()
 }
