@@ -3,6 +3,8 @@ package state
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -344,5 +346,54 @@ func TestRepeatedClientUpdateIsNoChange(t *testing.T) {
 	s.UpdateFromClient(id, again)
 	if v := s.Node(id); v == v1 || v.Endpoints[0] != again.Endpoints[0] {
 		t.Fatalf("a changed endpoint was not applied: %+v", v)
+	}
+}
+
+// failingStore fails every Apply that holds the setting "bad", and
+// counts the Applies.
+type failingStore struct {
+	store.Store
+	applies atomic.Int64
+}
+
+func (f *failingStore) Apply(ctx context.Context, muts []store.Mutation) (int64, error) {
+	f.applies.Add(1)
+	for _, m := range muts {
+		if m.PutSetting != nil && m.PutSetting.Key == "bad" {
+			return 0, store.ErrConflict
+		}
+	}
+	return f.Store.Apply(ctx, muts)
+}
+
+// TestFailedRequestSparesItsBatch: a request that fails its group commit
+// fails alone; the others of its batch are committed, in a few
+// transactions rather than one each.
+func TestFailedRequestSparesItsBatch(t *testing.T) {
+	db := openStore(t, t.TempDir())
+	defer db.Close()
+	fs := &failingStore{Store: db}
+	c := newCommitter(fs, slog.Default(), nil)
+	defer c.close()
+	var batch []*commitReq
+	for i := range 64 {
+		name := fmt.Sprint("good", i)
+		if i == 41 {
+			name = "bad"
+		}
+		batch = append(batch, &commitReq{muts: []store.Mutation{{PutSetting: &store.Setting{Key: name}}}, done: make(chan error, 1)})
+	}
+	c.apply(batch)
+	for i, r := range batch {
+		if err := <-r.done; (err != nil) != (i == 41) {
+			t.Errorf("request %d: %v", i, err)
+		}
+	}
+	if n := fs.applies.Load(); n > 13 {
+		t.Errorf("%d transactions for a batch of 64 with one failing request, want at most 13 (1 + 2·log2(64))", n)
+	}
+	snap, err := db.Load(context.Background())
+	if err != nil || len(snap.Settings) != 63 {
+		t.Errorf("%d settings stored (%v), want the 63 good ones", len(snap.Settings), err)
 	}
 }
