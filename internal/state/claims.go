@@ -23,9 +23,11 @@ const claimPrefix = "claim/"
 // long as through one.
 //
 // A block is claimed by creating the setting prefix+number, an insert
-// that only one replica can win, in a transaction of its own before
-// anything is allocated from it (claimBlock); a replica that loses tries
-// the next number. While a block is in use the next one is claimed ahead,
+// that only one replica can win, committed before anything is allocated
+// from it (claimBlock), not with the registration that first uses it; the
+// group commit may batch it with other writes, and a lost claim fails
+// that batch, which is retried by halves. A replica that loses tries the
+// next number. While a block is in use the next one is claimed ahead,
 // so registrations rarely wait for a claim. Claim numbers only grow; an
 // address lane maps them onto its blocks modulo their count, and so wraps
 // round. The owner stored in a claim lets a restarted process take up the
