@@ -263,14 +263,17 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 			if n == nil {
 				continue // a part of a node this replica no longer has
 			}
-			if old := s.nodes[n.ID]; old != nil {
+			old := s.nodes[n.ID]
+			if old != nil {
 				s.unindexNode(old)
-				if core {
-					s.ips.release(old.IPv4, old.IPv6)
-				}
 			}
 			s.indexNode(n)
-			s.ips.markUsed(n.IPv4, n.IPv6)
+			if core { // only a whole write moves a node's addresses
+				if old != nil {
+					s.ips.release(old.IPv4, old.IPv6)
+				}
+				s.ips.markUsed(n.IPv4, n.IPv6)
+			}
 			if m.CreateNode != nil {
 				// Another replica allocating in a block this one uses
 				// (both took it up at start, each thinking itself alone):

@@ -297,14 +297,13 @@ func (s *Store) Listen(ctx context.Context, fn func(seq int64)) error {
 			}
 			s.leading.Store(got)
 		}
-		wait, cancel := ctx, context.CancelFunc(func() {})
-		if !s.leading.Load() {
-			wait, cancel = context.WithTimeout(ctx, LeadRetry)
-		}
+		// The wait times out so that a replica that does not lead tries
+		// the lock again; the connection stays usable.
+		wait, cancel := context.WithTimeout(ctx, LeadRetry)
 		n, err := c.WaitForNotification(wait)
 		cancel()
 		if err != nil && ctx.Err() == nil && wait.Err() != nil {
-			continue // time to try the jobs lock again; the connection stays usable
+			continue
 		}
 		if err != nil {
 			return listenErr(ctx, err)

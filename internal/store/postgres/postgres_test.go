@@ -204,7 +204,10 @@ func openOther(t *testing.T) *Store {
 // when it stops, another takes over, and waiting for the jobs lock does
 // not cost the others their notifications. Another schema has its own.
 func TestLeading(t *testing.T) {
-	defer func(d time.Duration) { LeadRetry = d }(LeadRetry)
+	// Restored after every replica's Listen has returned: cleanups run
+	// last registered first.
+	retry := LeadRetry
+	t.Cleanup(func() { LeadRetry = retry })
 	LeadRetry = 50 * time.Millisecond
 	ctx := context.Background()
 	type replica struct {
