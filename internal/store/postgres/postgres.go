@@ -49,6 +49,12 @@ const jobsLock = "hashtext('tailplane_jobs.' || current_schema())"
 // singleton jobs tries to take them over.
 var LeadRetry = 5 * time.Second
 
+// ConnCheck bounds Listen's round trips between waits (taking the jobs
+// lock, or checking that the leader's connection still works): a
+// connection that does not answer within it is dropped, and with it the
+// lead.
+var ConnCheck = 5 * time.Second
+
 // Store is a store.Store on a PostgreSQL database. Its tables live in the
 // first schema of the connection's search_path.
 type Store struct {
@@ -289,20 +295,26 @@ func (s *Store) Listen(ctx context.Context, fn func(seq int64)) error {
 	}
 	fn(newest)
 	defer s.leading.Store(false) // the lock goes with the connection
+	quiet := false
 	for {
-		if !s.leading.Load() {
-			var got bool
-			if err := c.QueryRow(ctx, "SELECT pg_try_advisory_lock("+jobsLock+")").Scan(&got); err != nil {
+		// A connection cut off without failing (a network partition) is
+		// noticed by a round trip made whenever no notification came for
+		// LeadRetry: TCP alone would take minutes, while PostgreSQL gives
+		// the locks to others after about 30 s (the keepalives above). So
+		// a leader that cannot reach the database stops leading within
+		// LeadRetry + ConnCheck, before another can take over.
+		if quiet || !s.leading.Load() {
+			if err := s.checkLead(ctx, c); err != nil {
 				return listenErr(ctx, err)
 			}
-			s.leading.Store(got)
 		}
 		// The wait times out so that a replica that does not lead tries
 		// the lock again; the connection stays usable.
 		wait, cancel := context.WithTimeout(ctx, LeadRetry)
 		n, err := c.WaitForNotification(wait)
 		cancel()
-		if err != nil && ctx.Err() == nil && wait.Err() != nil {
+		quiet = err != nil && ctx.Err() == nil && wait.Err() != nil
+		if quiet {
 			continue
 		}
 		if err != nil {
@@ -314,6 +326,23 @@ func (s *Store) Listen(ctx context.Context, fn func(seq int64)) error {
 		}
 		fn(seq)
 	}
+}
+
+// checkLead tries to take the jobs lock if this replica does not hold it,
+// or checks that the connection still reaches the database if it does,
+// within ConnCheck either way.
+func (s *Store) checkLead(ctx context.Context, c *pgx.Conn) error {
+	cctx, cancel := context.WithTimeout(ctx, ConnCheck)
+	defer cancel()
+	if s.leading.Load() {
+		return c.Ping(cctx)
+	}
+	var got bool
+	if err := c.QueryRow(cctx, "SELECT pg_try_advisory_lock("+jobsLock+")").Scan(&got); err != nil {
+		return err
+	}
+	s.leading.Store(got)
+	return nil
 }
 
 // Alone reports whether no other process listens (Listen) on this
