@@ -93,8 +93,10 @@ type replicaStore interface {
 
 // followReplicas makes st follow the other replicas sharing db, if db can
 // be shared, and reports whether this process is the only one running. A
-// follower that can no longer follow sends its error on fellBehind.
-func followReplicas(ctx context.Context, db store.Store, st *state.State, log *slog.Logger) (alone bool, fellBehind <-chan error, err error) {
+// follower that can no longer follow (it fell behind the pruned change
+// log, or another replica runs a newer version) sends its error on
+// cannotFollow.
+func followReplicas(ctx context.Context, db store.Store, st *state.State, log *slog.Logger) (alone bool, cannotFollow <-chan error, err error) {
 	rs, ok := db.(replicaStore)
 	if !ok {
 		return true, nil, nil
@@ -105,7 +107,7 @@ func followReplicas(ctx context.Context, db store.Store, st *state.State, log *s
 	if w, ok := db.(replicaWatcher); ok {
 		w.SetReplica(st.Owner())
 	}
-	fellBehind = st.Follow(ctx, rs)
+	cannotFollow = st.Follow(ctx, rs)
 	if err := st.CatchUp(ctx); err != nil {
 		return false, nil, err
 	}
@@ -113,7 +115,7 @@ func followReplicas(ctx context.Context, db store.Store, st *state.State, log *s
 		st.StartOwnRanges()
 	}
 	log.Info("following the changes of other replicas sharing the database", "other_replicas_running", !alone)
-	return alone, fellBehind, nil
+	return alone, cannotFollow, nil
 }
 
 // replicaWatcher is a store that tells crashed replicas from running ones.
@@ -344,7 +346,7 @@ func Run(parent context.Context, cfg config.Config) error {
 	}
 	defer st.Close()
 	log.Info("state loaded", "users", len(st.Users()), "nodes", len(st.Nodes()), "took", time.Since(loadStart).Round(time.Millisecond))
-	alone, fellBehind, err := followReplicas(ctx, db, st, log)
+	alone, cannotFollow, err := followReplicas(ctx, db, st, log)
 	if err != nil {
 		return err
 	}
@@ -423,7 +425,7 @@ func Run(parent context.Context, cfg config.Config) error {
 	}()
 
 	pres := presence{Engine: eng}
-	if w, ok := db.(replicaWatcher); ok && fellBehind != nil {
+	if w, ok := db.(replicaWatcher); ok && cannotFollow != nil {
 		pres.w = w
 	}
 	adm := admin.NewServer(st, cfg.DNS.BaseDomain, policyFileOf(cfg), pres, log)
@@ -443,8 +445,8 @@ func Run(parent context.Context, cfg config.Config) error {
 	if p, ok := db.(changePruner); ok {
 		go pruneChanges(ctx, p, leads(db), pruneEvery, changeLogKeep, log)
 	}
-	if fellBehind != nil {
-		go func() { errc <- <-fellBehind }()
+	if cannotFollow != nil {
+		go func() { errc <- <-cannotFollow }()
 		if pres.w != nil {
 			go watchReplicas(ctx, pres.w, leads(db), st, ctl.AdoptOrphans, watchReplicasEvery, log)
 		}

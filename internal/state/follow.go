@@ -41,7 +41,9 @@ const (
 // The returned channel receives the error that stops the follower for
 // good: the change log was pruned past the entries it had yet to read
 // (store.ErrPruned), so only loading the whole state again (a restart)
-// brings this replica back in step.
+// brings this replica back in step; or another replica wrote a change
+// this version cannot apply (store.ErrNewerChange), so only an upgrade
+// does.
 func (s *State) Follow(ctx context.Context, f Follower) <-chan error {
 	fatal := make(chan error, 1)
 	s.followMu.Lock()
@@ -89,6 +91,12 @@ func (s *State) Follow(ctx context.Context, f Follower) <-chan error {
 					fatal <- fmt.Errorf("this replica fell behind the other replicas' change log and must restart to reload the tailnet: %w", err)
 					return
 				}
+				if errors.Is(err, store.ErrNewerChange) {
+					// Serving on would hand clients a tailnet this
+					// replica no longer follows.
+					fatal <- err
+					return
+				}
 				s.log.Error("reading other replicas' changes failed; retrying", "err", err, "retry_in", delay)
 				poke(0)
 				if !sleepCtx(ctx, delay) {
@@ -131,6 +139,9 @@ func (s *State) CatchUp(ctx context.Context) error {
 	}
 	for {
 		changes, err := s.follower.ChangesSince(ctx, s.seq)
+		if errors.Is(err, store.ErrNewerChange) {
+			return fmt.Errorf("another replica runs a newer tailplane and wrote a change this version cannot apply; upgrade this replica: %w", err)
+		}
 		if err != nil {
 			return fmt.Errorf("state: read changes after %d: %w", s.seq, err)
 		}
@@ -199,9 +210,8 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 		// later write, which stands. Every row is asked about, so that
 		// the pending ones record what they hid.
 		var buf [3]row // a node's rows, the most one mutation writes
-		apply, hidden, rows := buf[:0], 0, 0
+		apply, hidden := buf[:0], 0
 		eachRow(m, func(r row) {
-			rows++
 			switch {
 			case only != nil && !only(r):
 			case s.commit.own.newer(r, ch.Seq):
@@ -210,13 +220,6 @@ func (s *State) applyChangeLocked(ch store.Change, only func(row) bool, evs []Ev
 				apply = append(apply, r)
 			}
 		})
-		if rows == 0 {
-			// Its kind was added after this version: the JSON decoder
-			// left every field empty.
-			s.log.Error("another replica wrote a change of a kind this version does not know; it is not applied: run one tailplane version on all replicas",
-				"change", ch.Seq)
-			continue
-		}
 		if len(apply) == 0 || m.DeleteNode != 0 && hidden > 0 {
 			// A node is deleted whole or not at all: a write of this
 			// process hiding the deletion fails, and the deletion is

@@ -1,12 +1,10 @@
 package state
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
+	"database/sql"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -550,29 +548,40 @@ func TestNameClashRetriesAtTheNodesID(t *testing.T) {
 	}
 }
 
-// TestUnknownChangeIsLogged: a change-log entry of a kind this version
-// does not know (written by a newer replica) decodes to an empty mutation;
-// the follower says so instead of skipping it silently.
-func TestUnknownChangeIsLogged(t *testing.T) {
-	var muts []store.Mutation
-	if err := json.Unmarshal([]byte(`[{"RenameTailnet":{"Name":"newer"}}]`), &muts); err != nil {
-		t.Fatal(err)
-	}
-	var logged bytes.Buffer
-	db := openStore(t, t.TempDir())
-	defer db.Close()
-	a, err := New(context.Background(), Options{
-		Store: db, Logger: slog.New(slog.NewTextHandler(&logged, nil)),
-		V4Prefix: netip.MustParsePrefix("100.64.0.0/10"), V6Prefix: netip.MustParsePrefix("fd7a:115c:a1e0::/48"),
-	})
+// TestNewerChangeStopsTheFollower: a change-log entry this version cannot
+// apply (a kind of mutation it does not know, written by a newer replica)
+// stops the follower with an error asking for an upgrade, rather than
+// being skipped while this replica serves a tailnet it no longer follows.
+func TestNewerChangeStopsTheFollower(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "shared.db")
+	db, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer a.Close()
-	a.mu.Lock()
-	evs := a.applyChangeLocked(store.Change{Seq: 99, Mutations: muts}, nil, nil)
-	a.mu.Unlock()
-	if len(evs) != 0 || !strings.Contains(logged.String(), "does not know") || !strings.Contains(logged.String(), "change=99") {
-		t.Errorf("events %v, log %q; want none, and an error naming change 99", evs, logged.String())
+	defer db.Close()
+	s := newState(t, db)
+	defer s.Close()
+	f := pokedFollower{db, make(chan struct{})}
+	fatal := s.Follow(ctx, f)
+
+	// A newer replica appends an entry of a kind this version lacks.
+	raw, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	if _, err := raw.Exec("INSERT INTO changes (at, payload) VALUES (?, ?)", time.Now().UTC(),
+		`[{"RenameTailnet":{"Name":"newer"}}]`); err != nil {
+		t.Fatal(err)
+	}
+	f.poke <- struct{}{}
+	select {
+	case err := <-fatal:
+		if !errors.Is(err, store.ErrNewerChange) || !strings.Contains(err.Error(), "upgrade this replica") {
+			t.Errorf("follower stopped with %v, want store.ErrNewerChange and a word on upgrading", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the follower went on past a change it cannot apply")
 	}
 }

@@ -26,6 +26,11 @@ var ErrNotFound = errors.New("store: not found")
 // fell that far behind must reload the whole state.
 var ErrPruned = errors.New("store: change log pruned")
 
+// ErrNewerChange is returned by ChangesSince for an entry this version
+// cannot apply: one that names a mutation or a field it does not know,
+// written by a replica running a newer version.
+var ErrNewerChange = errors.New("store: change written by a newer tailplane")
+
 // User is a tailnet user.
 type User struct {
 	ID          uint64

@@ -471,7 +471,7 @@ func ChangesSince(ctx context.Context, c Conn, seq int64) ([]store.Change, error
 	// go unseen. This order at worst reports a prune that came too late
 	// to matter.
 	var changes []store.Change
-	err := each(ctx, c, selectChanges, []any{seq, MaxChanges}, func(r Rows) error {
+	err := each(ctx, c, selectChanges, []any{seq, MaxChanges}, func(r Rows) (err error) {
 		var ch store.Change
 		var at sql.NullTime
 		var payload string
@@ -479,7 +479,7 @@ func ChangesSince(ctx context.Context, c Conn, seq int64) ([]store.Change, error
 			return err
 		}
 		ch.At = timeVal(at)
-		if err := json.Unmarshal([]byte(payload), &ch.Mutations); err != nil {
+		if ch.Mutations, err = decodeMutations(payload); err != nil {
 			return fmt.Errorf("change %d: %w", ch.Seq, err)
 		}
 		changes = append(changes, ch)
@@ -496,6 +496,23 @@ func ChangesSince(ctx context.Context, c Conn, seq int64) ([]store.Change, error
 		return nil, fmt.Errorf("%w through %d", store.ErrPruned, through)
 	}
 	return changes, nil
+}
+
+// decodeMutations decodes a change-log entry's payload. Fields it does not
+// know are an error, not ignored: they were written by a newer version (a
+// new kind of mutation, or a new column), and applying the rest would leave
+// this replica's memory silently out of step.
+func decodeMutations(payload string) ([]store.Mutation, error) {
+	d := json.NewDecoder(strings.NewReader(payload))
+	d.DisallowUnknownFields()
+	var muts []store.Mutation
+	if err := d.Decode(&muts); err != nil {
+		if strings.HasPrefix(err.Error(), "json: unknown field") {
+			return nil, fmt.Errorf("%w: %v", store.ErrNewerChange, err)
+		}
+		return nil, err
+	}
+	return muts, nil
 }
 
 // PruneChanges deletes the change-log entries stamped before before,
