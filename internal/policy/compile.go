@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -1265,7 +1266,8 @@ func (c *Compiled) SSHPolicy(nodeID uint64) *tailcfg.SSHPolicy {
 	return &tailcfg.SSHPolicy{Rules: cl.ssh}
 }
 
-// CapMap returns the node's capabilities from nodeAttrs.
+// CapMap returns the node's capabilities: defaultCaps and those of
+// nodeAttrs. The map is shared; callers must not modify it.
 func (c *Compiled) CapMap(nodeID uint64) tailcfg.NodeCapMap {
 	_, i, ok := c.node(nodeID)
 	if !ok {
@@ -1281,16 +1283,30 @@ func (cp *compiler) compileNodeAttrs() {
 	}
 }
 
-// capsFor assigns nodeAttrs capabilities to class ci.
+// defaultCaps are the capabilities every node has, as Tailscale grants
+// them by default, for the features tailplane serves: Tailscale SSH (a
+// client refuses to run its SSH server without cap/ssh), with Tailscale's
+// default server behaviour and the environment variables SSH rules accept
+// (acceptEnv), and Taildrop. Classes without nodeAttrs share this map.
+var defaultCaps = tailcfg.NodeCapMap{
+	tailcfg.CapabilitySSH:                   nil,
+	tailcfg.NodeAttrSSHBehaviorV1:           nil,
+	tailcfg.NodeAttrSSHEnvironmentVariables: nil,
+	tailcfg.CapabilityFileSharing:           nil,
+}
+
+// capsFor assigns defaultCaps and nodeAttrs capabilities to class ci.
 func (cp *compiler) capsFor(ci int) {
 	cl := cp.c.classes[ci]
+	cl.caps = defaultCaps
+	shared := true
 	for _, na := range cp.c.p.nodeAttrs {
 		for _, t := range na.targets {
 			if !cp.sel(t).classes.has(ci) {
 				continue
 			}
-			if cl.caps == nil {
-				cl.caps = tailcfg.NodeCapMap{}
+			if shared {
+				cl.caps, shared = maps.Clone(defaultCaps), false
 			}
 			for _, at := range na.attrs {
 				if _, ok := cl.caps[tailcfg.NodeCapability(at)]; !ok {

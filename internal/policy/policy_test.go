@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 
+	"tailscale.com/tailcfg"
+
 	"github.com/tailplane/tailplane/internal/policy"
 )
 
@@ -122,5 +124,28 @@ func TestConcurrentReads(t *testing.T) {
 	}
 	for range 8 {
 		<-done
+	}
+}
+
+// TestDefaultCaps: every node has the capabilities Tailscale grants by
+// default for the features tailplane serves (without cap/ssh a client
+// refuses to run its SSH server), and nodeAttrs add to them for the nodes
+// they target only.
+func TestDefaultCaps(t *testing.T) {
+	c := compile(t, `{
+		"tagOwners": {"tag:db": ["odin@example.com"]},
+		"nodeAttrs": [{"target": ["tag:db"], "attr": ["funnel"]}],
+	}`)
+	for _, id := range []uint64{1, 3, 4} {
+		caps := c.CapMap(id)
+		for _, want := range []tailcfg.NodeCapability{tailcfg.CapabilitySSH, tailcfg.NodeAttrSSHBehaviorV1,
+			tailcfg.NodeAttrSSHEnvironmentVariables, tailcfg.CapabilityFileSharing} {
+			if _, ok := caps[want]; !ok {
+				t.Errorf("node %d lacks %s: %v", id, want, caps)
+			}
+		}
+		if _, ok := caps["funnel"]; ok != (id == 4) {
+			t.Errorf("node %d has funnel: %v, want %v", id, ok, id == 4)
+		}
 	}
 }
