@@ -2,11 +2,15 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"tailscale.com/ipn/ipnstate"
 
 	"github.com/tailplane/tailplane/internal/realclient"
 )
@@ -53,5 +57,58 @@ func TestMagicDNSAndTaildrop(t *testing.T) {
 	got, err := os.ReadFile(filepath.Join(inbox, "hello.txt"))
 	if err != nil || string(got) != text {
 		t.Errorf("received %q (%v), want %q", got, err, text)
+	}
+}
+
+// TestNodeExpiry: an admin expires a node's key; its peer marks it expired
+// and stops reaching it, and the node itself learns that its key expired,
+// without anyone reconnecting.
+func TestNodeExpiry(t *testing.T) {
+	t.Parallel()
+	srv := startServer(t)
+	srv.mustCLI(t, "users", "create", "alice")
+	key := srv.createKey(t, "alice", "--reusable")
+	ms := join(t, srv, key.Key, nil, "viewer", "expiring")
+	viewer, expiring := ms[0], ms[1]
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	const port = 8090
+	if err := expiring.Serve(ctx, port, "hello from "+expiring.Name()); err != nil {
+		t.Fatal(err)
+	}
+	if err := realclient.Eventually(ctx, 250*time.Millisecond, func() error {
+		_, err := viewer.HTTPGet(ctx, expiring.ip4, expiring.dnsName, port)
+		return err
+	}); err != nil {
+		t.Fatalf("before expiry: %v", err)
+	}
+
+	n, ok := nodeByIP(srv.mustListNodes(t), expiring.ip4)
+	if !ok {
+		t.Fatalf("%v not in nodes list", expiring.ip4)
+	}
+	start := time.Now()
+	srv.mustCLI(t, "nodes", "expire", strconv.FormatUint(n.ID, 10))
+	if _, err := viewer.WaitStatus(ctx, func(st *ipnstate.Status) error {
+		if p := peerByIP(st, expiring.ip4); p != nil && !p.Expired {
+			return fmt.Errorf("peer %s not expired (key expiry %v)", expiring.Name(), p.KeyExpiry)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the peer saw the expiry after %v", time.Since(start).Round(time.Millisecond))
+	if _, err := expiring.WaitStatus(ctx, func(st *ipnstate.Status) error {
+		if st.Self.KeyExpiry == nil || st.Self.KeyExpiry.After(time.Now()) {
+			return fmt.Errorf("own key expiry %v, want one passed", st.Self.KeyExpiry)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	short, cancelShort := context.WithTimeout(ctx, 5*time.Second)
+	defer cancelShort()
+	if body, err := viewer.HTTPGet(short, expiring.ip4, expiring.dnsName, port); err == nil {
+		t.Errorf("the viewer still reaches the expired node: %q", body)
 	}
 }
