@@ -62,7 +62,8 @@ func TestMagicDNSAndTaildrop(t *testing.T) {
 
 // TestNodeExpiry: an admin expires a node's key; its peer marks it expired
 // and stops reaching it, and the node itself learns that its key expired,
-// without anyone reconnecting.
+// without anyone reconnecting. Logged in again with a key, it is the same
+// node at the same addresses, reachable again.
 func TestNodeExpiry(t *testing.T) {
 	t.Parallel()
 	srv := startServer(t)
@@ -110,5 +111,30 @@ func TestNodeExpiry(t *testing.T) {
 	defer cancelShort()
 	if body, err := viewer.HTTPGet(short, expiring.ip4, expiring.dnsName, port); err == nil {
 		t.Errorf("the viewer still reaches the expired node: %q", body)
+	}
+
+	// Its user logs it in again with a key: the same node comes back,
+	// with its addresses, and is reachable again.
+	if _, err := expiring.CLI(ctx, "up", "--force-reauth", "--login-server="+srv.URL(), "--authkey="+key.Key,
+		"--hostname=expiring", "--accept-dns=false", "--accept-routes=false", "--timeout=60s"); err != nil {
+		t.Fatalf("logging in again: %v", err)
+	}
+	if _, err := viewer.WaitStatus(ctx, func(st *ipnstate.Status) error {
+		if p := peerByIP(st, expiring.ip4); p == nil || p.Expired {
+			return fmt.Errorf("peer %s at %v missing or still expired", expiring.Name(), expiring.ip4)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := realclient.Eventually(ctx, 250*time.Millisecond, func() error {
+		_, err := viewer.HTTPGet(ctx, expiring.ip4, expiring.dnsName, port)
+		return err
+	}); err != nil {
+		t.Fatalf("after logging in again: %v", err)
+	}
+	again, ok := nodeByIP(srv.mustListNodes(t), expiring.ip4)
+	if !ok || again.ID != n.ID {
+		t.Errorf("after logging in again the node is %v (found: %v), want node %d", again, ok, n.ID)
 	}
 }

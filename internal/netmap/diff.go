@@ -61,7 +61,7 @@ func (d *update) removed(id uint64) {
 func (d *update) peer(e *Engine, b *batch, old, cur *state.Node, oldEnc, newEnc *encoded) {
 	switch {
 	case oldEnc == newEnc || bytes.Equal(oldEnc.full, newEnc.full):
-	case bytes.Equal(oldEnc.fingerprint, newEnc.fingerprint):
+	case bytes.Equal(oldEnc.fingerprint, newEnc.fingerprint) && !clearsExpiry(old, cur):
 		if d.u.Patches == nil {
 			d.u.Patches = make(map[uint64]*session.Patch, d.patches)
 		}
@@ -70,6 +70,13 @@ func (d *update) peer(e *Engine, b *batch, old, cur *state.Node, oldEnc, newEnc 
 		d.changed(e, cur, newEnc)
 	}
 }
+
+// clearsExpiry reports whether cur no longer expires where old did (its
+// user logged it in again). A patch cannot say so: PeerChange.KeyExpiry
+// is a *time.Time marked omitzero, and encoding/json omits a pointer to
+// the zero time, so the peer would keep the old expiry and go on treating
+// the node as expired. The whole node carries it.
+func clearsExpiry(old, cur *state.Node) bool { return !old.Expiry.IsZero() && cur.Expiry.IsZero() }
 
 // patch returns the patch from old to cur, shared within the batch.
 func (b *batch) patch(old, cur *state.Node) *session.Patch {
