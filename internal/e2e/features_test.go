@@ -22,10 +22,7 @@ import (
 // needs the file-sharing capability from control.
 func TestMagicDNSAndTaildrop(t *testing.T) {
 	t.Parallel()
-	srv := startServer(t)
-	srv.mustCLI(t, "users", "create", "alice")
-	key := srv.createKey(t, "alice", "--reusable")
-	ms := join(t, srv, key.Key, nil, "sender", "receiver")
+	_, _, ms := aliceTailnet(t, "sender", "receiver")
 	sender, receiver := ms[0], ms[1]
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
@@ -66,10 +63,7 @@ func TestMagicDNSAndTaildrop(t *testing.T) {
 // node at the same addresses, reachable again.
 func TestNodeExpiry(t *testing.T) {
 	t.Parallel()
-	srv := startServer(t)
-	srv.mustCLI(t, "users", "create", "alice")
-	key := srv.createKey(t, "alice", "--reusable")
-	ms := join(t, srv, key.Key, nil, "viewer", "expiring")
+	srv, key, ms := aliceTailnet(t, "viewer", "expiring")
 	viewer, expiring := ms[0], ms[1]
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
@@ -77,12 +71,16 @@ func TestNodeExpiry(t *testing.T) {
 	if err := expiring.Serve(ctx, port, "hello from "+expiring.Name()); err != nil {
 		t.Fatal(err)
 	}
-	if err := realclient.Eventually(ctx, 250*time.Millisecond, func() error {
-		_, err := viewer.HTTPGet(ctx, expiring.ip4, expiring.dnsName, port)
-		return err
-	}); err != nil {
-		t.Fatalf("before expiry: %v", err)
+	reach := func(when string) {
+		t.Helper()
+		if err := realclient.Eventually(ctx, 250*time.Millisecond, func() error {
+			_, err := viewer.HTTPGet(ctx, expiring.ip4, expiring.dnsName, port)
+			return err
+		}); err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
 	}
+	reach("before expiry")
 
 	n, ok := nodeByIP(srv.mustListNodes(t), expiring.ip4)
 	if !ok {
@@ -127,14 +125,19 @@ func TestNodeExpiry(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := realclient.Eventually(ctx, 250*time.Millisecond, func() error {
-		_, err := viewer.HTTPGet(ctx, expiring.ip4, expiring.dnsName, port)
-		return err
-	}); err != nil {
-		t.Fatalf("after logging in again: %v", err)
-	}
+	reach("after logging in again")
 	again, ok := nodeByIP(srv.mustListNodes(t), expiring.ip4)
 	if !ok || again.ID != n.ID {
 		t.Errorf("after logging in again the node is %v (found: %v), want node %d", again, ok, n.ID)
 	}
+}
+
+// aliceTailnet starts a server with a user alice and joins one client per
+// hostname with a reusable key of hers.
+func aliceTailnet(t *testing.T, hostnames ...string) (*server, authKey, []*member) {
+	t.Helper()
+	srv := startServer(t)
+	srv.mustCLI(t, "users", "create", "alice")
+	key := srv.createKey(t, "alice", "--reusable")
+	return srv, key, join(t, srv, key.Key, nil, hostnames...)
 }

@@ -21,10 +21,7 @@ import (
 // go again. Nobody reconnects for any of it.
 func TestRoutes(t *testing.T) {
 	t.Parallel()
-	srv := startServer(t)
-	srv.mustCLI(t, "users", "create", "alice")
-	key := srv.createKey(t, "alice", "--reusable")
-	ms := join(t, srv, key.Key, nil, "router", "user")
+	srv, _, ms := aliceTailnet(t, "router", "user")
 	router, user := ms[0], ms[1]
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
