@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -140,4 +141,58 @@ func aliceTailnet(t *testing.T, hostnames ...string) (*server, authKey, []*membe
 	srv.mustCLI(t, "users", "create", "alice")
 	key := srv.createKey(t, "alice", "--reusable")
 	return srv, key, join(t, srv, key.Key, nil, hostnames...)
+}
+
+// TestAdvertiseTags: a client that asks for a tag its key's user owns in
+// the policy's tagOwners (`tailscale up --advertise-tags`) joins as a
+// tagged node, and its peer sees the tag; asking for a tag the user does
+// not own is refused with a message that says so, and adds no node.
+func TestAdvertiseTags(t *testing.T) {
+	t.Parallel()
+	srv := startServer(t)
+	srv.mustCLI(t, "users", "create", "alice", "--email", "alice@example.com")
+	setPolicy(t, srv, `{"tagOwners": {"tag:web": ["alice@example.com"], "tag:db": []},
+		"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}`)
+	key := srv.createKey(t, "alice", "--reusable")
+	ms := join(t, srv, key.Key, nil, "viewer")
+	viewer := ms[0]
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	up := func(c *realclient.Client, hostname, tag string) error {
+		_, err := c.CLI(ctx, "up", "--login-server="+srv.URL(), "--authkey="+key.Key, "--hostname="+hostname,
+			"--advertise-tags="+tag, "--accept-dns=false", "--accept-routes=false", "--timeout=60s")
+		return err
+	}
+
+	web := realclient.Start(t, realclient.Options{Name: "web", ControlURL: srv.URL()})
+	if err := up(web, "web", "tag:web"); err != nil {
+		t.Fatalf("up with an owned tag: %v", err)
+	}
+	st, err := web.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := st.Self.TailscaleIPs[0]
+	if n, ok := nodeByIP(srv.mustListNodes(t), ip); !ok || !slices.Equal(n.Tags, []string{"tag:web"}) {
+		t.Errorf("node at %v: %v (found: %v), want tagged tag:web", ip, n, ok)
+	}
+	if _, err := viewer.WaitStatus(ctx, func(st *ipnstate.Status) error {
+		p := peerByIP(st, ip)
+		if p == nil || p.Tags == nil || !slices.Contains(p.Tags.AsSlice(), "tag:web") {
+			return fmt.Errorf("peer %v not seen with tag:web", ip)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	before := len(srv.mustListNodes(t))
+	db := realclient.Start(t, realclient.Options{Name: "db", ControlURL: srv.URL()})
+	err = up(db, "db", "tag:db")
+	if err == nil || !strings.Contains(err.Error(), "not permitted") {
+		t.Errorf("up with a tag alice does not own: %v, want a refusal saying it is not permitted", err)
+	}
+	if after := len(srv.mustListNodes(t)); after != before {
+		t.Errorf("%d nodes after the refused join, want %d", after, before)
+	}
 }
