@@ -87,11 +87,7 @@ func (s *State) Follow(ctx context.Context, f Follower) <-chan error {
 				if ctx.Err() != nil {
 					return
 				}
-				if errors.Is(err, store.ErrPruned) {
-					fatal <- fmt.Errorf("this replica fell behind the other replicas' change log and must restart to reload the tailnet: %w", err)
-					return
-				}
-				if errors.Is(err, store.ErrNewerChange) {
+				if errors.Is(err, store.ErrPruned) || errors.Is(err, store.ErrNewerChange) {
 					// Serving on would hand clients a tailnet this
 					// replica no longer follows.
 					fatal <- err
@@ -139,10 +135,12 @@ func (s *State) CatchUp(ctx context.Context) error {
 	}
 	for {
 		changes, err := s.follower.ChangesSince(ctx, s.seq)
-		if errors.Is(err, store.ErrNewerChange) {
+		switch {
+		case errors.Is(err, store.ErrPruned):
+			return fmt.Errorf("this replica fell behind the other replicas' change log and must restart to reload the tailnet: %w", err)
+		case errors.Is(err, store.ErrNewerChange):
 			return fmt.Errorf("another replica runs a newer tailplane and wrote a change this version cannot apply; upgrade this replica: %w", err)
-		}
-		if err != nil {
+		case err != nil:
 			return fmt.Errorf("state: read changes after %d: %w", s.seq, err)
 		}
 		if len(changes) == 0 {

@@ -269,20 +269,30 @@ func (f pokedFollower) Listen(ctx context.Context, fn func(int64)) error {
 	}
 }
 
-// TestFollowerBehindPrunedLog: a replica that has yet to read entries the
-// change log no longer holds stops following and says it must reload.
-func TestFollowerBehindPrunedLog(t *testing.T) {
-	ctx := context.Background()
+// pokedReplica opens a state on a new shared database file that follows
+// the change log only when poked, and returns the file, the follower and
+// the channel that reports why following stopped.
+func pokedReplica(t *testing.T) (string, pokedFollower, <-chan error) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "shared.db")
 	db, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer db.Close()
+	t.Cleanup(func() { db.Close() })
 	s := newState(t, db)
-	defer s.Close()
+	t.Cleanup(s.Close)
 	f := pokedFollower{db, make(chan struct{})}
-	fatal := s.Follow(ctx, f)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	return path, f, s.Follow(ctx, f)
+}
+
+// TestFollowerBehindPrunedLog: a replica that has yet to read entries the
+// change log no longer holds stops following and says it must reload.
+func TestFollowerBehindPrunedLog(t *testing.T) {
+	ctx := context.Background()
+	path, f, fatal := pokedReplica(t)
 
 	// Another replica commits twice; the log is pruned before this one
 	// reads either.
@@ -302,8 +312,8 @@ func TestFollowerBehindPrunedLog(t *testing.T) {
 	f.poke <- struct{}{}
 	select {
 	case err := <-fatal:
-		if !errors.Is(err, store.ErrPruned) {
-			t.Errorf("follower stopped with %v, want store.ErrPruned", err)
+		if !errors.Is(err, store.ErrPruned) || !strings.Contains(err.Error(), "must restart") {
+			t.Errorf("follower stopped with %v, want store.ErrPruned and a word on restarting", err)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the follower went on past a pruned change log")
@@ -553,17 +563,7 @@ func TestNameClashRetriesAtTheNodesID(t *testing.T) {
 // stops the follower with an error asking for an upgrade, rather than
 // being skipped while this replica serves a tailnet it no longer follows.
 func TestNewerChangeStopsTheFollower(t *testing.T) {
-	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "shared.db")
-	db, err := sqlite.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	s := newState(t, db)
-	defer s.Close()
-	f := pokedFollower{db, make(chan struct{})}
-	fatal := s.Follow(ctx, f)
+	path, f, fatal := pokedReplica(t)
 
 	// A newer replica appends an entry of a kind this version lacks.
 	raw, err := sql.Open("sqlite", path)
